@@ -1,0 +1,74 @@
+"""The whole etcd key layout, in one place. Every key lives under a configurable root.
+
+    <root>/models/<model_id>                   ModelSpec        router (registration API)
+    <root>/instances/<instance_id>             InstanceRecord   runtime pod, leased
+    <root>/assignments/<instance_id>/<model>   Assignment       placement leader, fenced
+    <root>/copies/<model_id>/<instance_id>     CopyRecord       runtime pod, leased
+    <root>/stats/<model_id>                    ModelStats       runtime pod
+    <root>/leader/placement                    LeaderRecord     placement, leased
+
+Model and instance ids never contain '/', so a key splits unambiguously.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODELS = "models"
+INSTANCES = "instances"
+ASSIGNMENTS = "assignments"
+COPIES = "copies"
+STATS = "stats"
+LEADER = "leader"
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    root: str = "/meshserve"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", "/" + self.root.strip("/"))
+
+    def prefix(self, section: str = "") -> str:
+        return f"{self.root}/{section}/" if section else f"{self.root}/"
+
+    def model(self, model_id: str) -> str:
+        return f"{self.root}/{MODELS}/{model_id}"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.root}/{INSTANCES}/{instance_id}"
+
+    def assignment(self, instance_id: str, model_id: str) -> str:
+        return f"{self.root}/{ASSIGNMENTS}/{instance_id}/{model_id}"
+
+    def assignments_of(self, instance_id: str) -> str:
+        return f"{self.root}/{ASSIGNMENTS}/{instance_id}/"
+
+    def copy(self, model_id: str, instance_id: str) -> str:
+        return f"{self.root}/{COPIES}/{model_id}/{instance_id}"
+
+    def copies_of(self, model_id: str) -> str:
+        return f"{self.root}/{COPIES}/{model_id}/"
+
+    def stats(self, model_id: str) -> str:
+        return f"{self.root}/{STATS}/{model_id}"
+
+    def leader(self) -> str:
+        return f"{self.root}/{LEADER}/placement"
+
+    def parse(self, key: str) -> tuple[str, tuple[str, ...]]:
+        """'<root>/copies/m1/pod-a' -> ('copies', ('m1', 'pod-a')); ('', ()) if not ours."""
+        if not key.startswith(self.root + "/"):
+            return "", ()
+        parts = key[len(self.root) + 1 :].split("/")
+        return parts[0], tuple(parts[1:])
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The etcd range_end that covers every key starting with `prefix`."""
+    data = bytearray(prefix)
+    for i in range(len(data) - 1, -1, -1):
+        if data[i] < 0xFF:
+            data[i] += 1
+            return bytes(data[: i + 1])
+    return b"\0"

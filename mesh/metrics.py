@@ -1,0 +1,100 @@
+"""Every Prometheus metric of every process, defined once, on a registry passed in.
+
+docs/METRICS.md lists them. Per-model labels are not used (cardinality); per-model detail
+lives in GetModel status.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, service: str = "mesh") -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.service = service
+        self.requests = Counter(
+            "mesh_requests_total", "gRPC requests handled, by method and status code.",
+            ["service", "method", "code"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "mesh_request_seconds", "gRPC request latency, by method.",
+            ["service", "method"], buckets=_LATENCY, registry=r,
+        )
+        self.cache_hits = Counter(
+            "mesh_cache_hits_total",
+            "Hits: router = request found a ready copy; runtime = artifact already on disk.",
+            ["service"], registry=r,
+        )
+        self.cache_misses = Counter(
+            "mesh_cache_misses_total",
+            "Misses: router = no ready copy (load requested); runtime = artifact pulled.",
+            ["service"], registry=r,
+        )
+        self.cache_miss_seconds = Histogram(
+            "mesh_cache_miss_seconds", "Time to serve a miss: router = until a copy is ready; "
+            "runtime = pull time.", ["service"], buckets=_LATENCY, registry=r,
+        )
+        self.forward_retries = Counter(
+            "mesh_forward_retries_total", "Requests re-sent to another copy after UNAVAILABLE.",
+            registry=r,
+        )
+        self.loads = Counter(
+            "mesh_loads_total", "Model loads on runtime pods, by result (ok / failed).",
+            ["result"], registry=r,
+        )
+        self.load_seconds = Histogram(
+            "mesh_load_seconds", "Model load latency (session creation + warm-up, pull excluded).",
+            buckets=_LATENCY, registry=r,
+        )
+        self.unloads = Counter("mesh_unloads_total", "Model unloads on runtime pods.", registry=r)
+        self.unload_seconds = Histogram(
+            "mesh_unload_seconds", "Model unload latency.", buckets=_LATENCY, registry=r,
+        )
+        self.evictions = Counter(
+            "mesh_evictions_total", "Copies evicted by placement, by reason.", ["reason"], registry=r,
+        )
+        self.eviction_age_seconds = Histogram(
+            "mesh_eviction_idle_seconds", "Time since last use of evicted copies.",
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600), registry=r,
+        )
+        self.placements = Counter(
+            "mesh_placements_total", "Assignments written by placement, by result.", ["result"],
+            registry=r,
+        )
+        self.capacity_bytes = Gauge(
+            "mesh_pod_capacity_bytes", "Model memory this runtime pod offers.", registry=r,
+        )
+        self.used_bytes = Gauge(
+            "mesh_pod_used_bytes", "Measured memory of the models loaded on this pod.", registry=r,
+        )
+        self.models_loaded = Gauge(
+            "mesh_models_loaded", "Models loaded on this runtime pod.", registry=r,
+        )
+        self.artifact_cache_bytes = Gauge(
+            "mesh_artifact_cache_bytes", "Bytes of artifacts in this pod's disk cache.", registry=r,
+        )
+        self.artifact_evictions = Counter(
+            "mesh_artifact_evictions_total", "Artifacts removed from the disk cache.", registry=r,
+        )
+        self.is_leader = Gauge(
+            "mesh_placement_leader", "1 while this placement replica is the leader.", registry=r,
+        )
+        self.routes = Gauge(
+            "mesh_router_ready_models", "Models with at least one ready copy in the route table.",
+            registry=r,
+        )
+
+
+def serve(metrics: Metrics, host: str, port: int) -> None:
+    """Serves /metrics on host:port in a daemon thread (0 turns it off)."""
+    if port:
+        start_http_server(port, addr=host, registry=metrics.registry)
+        log.info("metrics on http://%s:%d/metrics", host, port)

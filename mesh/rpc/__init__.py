@@ -1,0 +1,1 @@
+"""gRPC plumbing: status mapping, the server interceptor, server lifecycle, channels."""

@@ -1,0 +1,135 @@
+"""Frozen records the processes share through etcd, with their JSON encoding.
+
+Every value stored under the mesh's etcd root is one of these, encoded by `encode` and read
+back by `decode` (unknown fields are ignored so older processes read newer records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class CopyState(str, enum.Enum):
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    FAILED = "FAILED"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model (key: models/<model_id>)."""
+
+    model_id: str
+    storage_uri: str
+    tenant: str = ""
+    format: str = "onnx"
+    sha256: str = ""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    registered_unix_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRecord:
+    """A live runtime pod (key: instances/<instance_id>, attached to the pod's lease)."""
+
+    instance_id: str
+    address: str
+    capacity_bytes: int
+    used_bytes: int = 0
+    models: tuple[str, ...] = ()
+    device: str = "cpu"
+    started_unix_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """Placement's decision that a pod should hold a model (key: assignments/<instance>/<model>).
+
+    Carries the artifact location so the pod needs no registry read to load it.
+    """
+
+    model_id: str
+    instance_id: str
+    storage_uri: str
+    sha256: str = ""
+    predicted_bytes: int = 0
+    assigned_unix_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyRecord:
+    """A pod's report on one copy (key: copies/<model>/<instance>, attached to the pod's lease)."""
+
+    model_id: str
+    instance_id: str
+    address: str
+    state: CopyState
+    size_bytes: int = 0
+    load_ms: int = 0
+    error: str = ""
+    updated_unix_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """What pods last measured for a model, kept across unloads (key: stats/<model_id>)."""
+
+    model_id: str
+    size_bytes: int = 0
+    load_ms: int = 0
+    last_error: str = ""
+    last_error_unix_ms: int = 0
+    # V2 tensor metadata of the last loaded copy: [{"name", "datatype", "shape"}], so routers
+    # answer ModelMetadata for a model that is not loaded.
+    inputs: tuple[Mapping[str, object], ...] = ()
+    outputs: tuple[Mapping[str, object], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaderRecord:
+    """The placement leader (key: leader/placement, attached to the leader's lease)."""
+
+    holder_id: str
+    address: str
+    since_unix_ms: int = 0
+
+
+def encode(record: Any) -> bytes:
+    def default(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise TypeError(f"cannot encode {type(value).__name__}")
+
+    return json.dumps(dataclasses.asdict(record), default=default, sort_keys=True).encode()
+
+
+def decode(cls: type[T], data: bytes) -> T:
+    """Decodes a record; raises ValueError on malformed data."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed {cls.__name__} record: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"malformed {cls.__name__} record: not an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in fields:
+            continue
+        if name == "state":
+            value = CopyState(value)
+        elif name in ("models", "inputs", "outputs") and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"malformed {cls.__name__} record: {exc}") from exc
