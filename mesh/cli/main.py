@@ -1,0 +1,83 @@
+"""`mesh` — run the mesh locally, run one process, or talk to a running router.
+
+    mesh up                         etcd + placement + 2 runtime pods + router + demo models
+    mesh router|placement|runtime   one process, configured by MESH_* variables (containers)
+    mesh register ID URI [--sha256 H] [--tenant T] [--label k=v]
+    mesh list | status ID | infer ID [--input JSON] | unregister ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole mesh on this machine with demo models")
+    up.add_argument("--etcd", metavar="HOST:PORT", help="use this etcd instead of starting one")
+    up.add_argument("--state-dir", default=".mesh", help="etcd data, caches and logs (default .mesh)")
+    up.add_argument("--port", type=int, default=8033, help="router port (default 8033)")
+    up.add_argument("--pods", type=int, default=2, help="runtime pods (default 2)")
+    up.add_argument("--capacity", default="64MiB", help="model memory per pod (default 64MiB)")
+    up.add_argument("--no-demo", action="store_true", help="register no demo models")
+
+    for name in ("router", "placement", "runtime"):
+        sub.add_parser(name, help=f"run one {name} process (configured by MESH_* variables)")
+
+    def target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--router", default="127.0.0.1:8033", help="router address (default 127.0.0.1:8033)")
+        p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+
+    reg = sub.add_parser("register", help="register a model")
+    reg.add_argument("model_id")
+    reg.add_argument("storage_uri", help="file:///abs/model.onnx or http(s)://...; a local path is made a file:// URI")
+    reg.add_argument("--sha256", default="")
+    reg.add_argument("--tenant", default="")
+    reg.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    target(reg)
+
+    unreg = sub.add_parser("unregister", help="remove a model and its copies")
+    unreg.add_argument("model_id")
+    target(unreg)
+
+    lst = sub.add_parser("list", help="list registered models")
+    lst.add_argument("--tenant", default="")
+    target(lst)
+
+    status = sub.add_parser("status", help="where a model is loaded, its state, size and last error")
+    status.add_argument("model_id")
+    target(status)
+
+    infer = sub.add_parser("infer", help="run inference (random inputs unless --input is given)")
+    infer.add_argument("model_id")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=JSON",
+                       help='e.g. input=[[1,2,3,4]]; repeat per input')
+    infer.add_argument("--batch", type=int, default=1, help="batch size for random inputs")
+    target(infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "router":
+        from router.main import main as run
+    elif args.command == "placement":
+        from placement.main import main as run
+    elif args.command == "runtime":
+        from puller.main import main as run
+    elif args.command == "up":
+        from mesh.cli import up
+
+        sys.exit(up.run(args))
+    else:
+        from mesh.cli import client
+
+        sys.exit(client.run(args))
+    run()
+
+
+if __name__ == "__main__":
+    main()
