@@ -10,8 +10,10 @@ import dataclasses
 import pathlib
 import subprocess
 import time
+import urllib.request
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.cli import procs
 from mesh.kv.etcd import EtcdClient
@@ -70,6 +72,8 @@ class LocalMesh:
         }
 
     def _spawn(self, name: str, kind: str, env: dict[str, str]) -> subprocess.Popen:
+        self.ports[f"{name}-metrics"] = metrics_port = procs.free_port()
+        env = {**env, f"MESH_{kind.upper()}_METRICS_PORT": str(metrics_port)}
         proc = procs.start_mesh_process([kind], {**self.common_env(), **env}, self.log(name))
         self.procs[name] = proc
         return proc
@@ -126,6 +130,18 @@ class LocalMesh:
                 return call(b"", timeout=1) == b"\x08\x01"
             except grpc.RpcError:
                 return False
+
+    def scrape(self, name: str) -> dict[str, float]:
+        """The Prometheus samples of one process: 'metric{label="v",...}' -> value."""
+        url = f"http://127.0.0.1:{self.ports[name + '-metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)

