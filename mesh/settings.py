@@ -15,7 +15,7 @@ from mesh.units import parse_bytes
 class CommonSettings(BaseSettings):
     """Shared by every process (prefix MESH_)."""
 
-    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore", use_attribute_docstrings=True)
 
     etcd_endpoints: str = "127.0.0.1:2379"
     """Comma-separated etcd client endpoints, host:port."""
@@ -33,7 +33,7 @@ class CommonSettings(BaseSettings):
 class RouterSettings(BaseSettings):
     """The router (prefix MESH_ROUTER_)."""
 
-    model_config = SettingsConfigDict(env_prefix="MESH_ROUTER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MESH_ROUTER_", extra="ignore", use_attribute_docstrings=True)
 
     listen: str = "127.0.0.1:8033"
     """host:port of the V2 inference + registration gRPC server (ModelMesh's port)."""
@@ -62,7 +62,7 @@ class RouterSettings(BaseSettings):
 class PlacementSettings(BaseSettings):
     """The placement service (prefix MESH_PLACEMENT_)."""
 
-    model_config = SettingsConfigDict(env_prefix="MESH_PLACEMENT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MESH_PLACEMENT_", extra="ignore", use_attribute_docstrings=True)
 
     listen: str = "127.0.0.1:8034"
     """host:port of the internal Placement gRPC server (EnsureLoaded)."""
@@ -81,7 +81,7 @@ class PlacementSettings(BaseSettings):
 class RuntimeSettings(BaseSettings):
     """A runtime pod (prefix MESH_RUNTIME_)."""
 
-    model_config = SettingsConfigDict(env_prefix="MESH_RUNTIME_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MESH_RUNTIME_", extra="ignore", use_attribute_docstrings=True)
 
     listen: str = "127.0.0.1:8035"
     """host:port of the pod's V2 inference gRPC server."""
