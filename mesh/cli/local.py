@@ -143,6 +143,19 @@ class LocalMesh:
                 samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return samples
 
+    def stop_process(self, name: str) -> int | None:
+        """Graceful stop (SIGTERM) of one child; returns its exit code."""
+        return procs.stop(self.procs.pop(name))
+
+    def wait_instances(self, names: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            instances, _ = asyncio.run(self._read_cluster())
+            if instances == names:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"instances never became {sorted(names)}")
+
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
         with contextlib.suppress(ProcessLookupError):
