@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class CopyState(str, enum.Enum):
+class CopyState(enum.StrEnum):
     LOADING = "LOADING"
     LOADED = "LOADED"
     FAILED = "FAILED"

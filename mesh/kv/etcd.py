@@ -272,7 +272,7 @@ class Lease:
                     self.lost.set()
                     return
                 last_ok = loop.time()
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, grpc.aio.AioRpcError) as exc:
                 log.warning("lease %x keep-alive failed: %s", self.id, exc)
                 if loop.time() - last_ok > self.ttl:
                     self.lost.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import time
 
 import numpy as np
 import pytest
@@ -23,8 +24,15 @@ def _infer(client: triton.InferenceServerClient, model_id: str) -> np.ndarray:
     return client.infer(model_id, [inp], client_timeout=60).as_numpy("output")
 
 
-def _loaded(mesh, model_id: str) -> list[str]:
-    return [c.instance_id for c in get_model(mesh, model_id).copies if c.state == LOADED]
+def _loaded(mesh, model_id: str, expected: list[str], timeout: float = 15.0) -> list[str]:
+    """Where the model is LOADED, once that equals `expected` or `timeout` passes (unloads are
+    reported asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        where = [c.instance_id for c in get_model(mesh, model_id).copies if c.state == LOADED]
+        if where == expected or time.monotonic() > deadline:
+            return where
+        time.sleep(0.05)
 
 
 def test_least_recently_used_model_is_evicted(etcd_endpoint: str, tmp_path: pathlib.Path) -> None:
@@ -50,16 +58,16 @@ def test_least_recently_used_model_is_evicted(etcd_endpoint: str, tmp_path: path
 
         _infer(client, "evict-a")
         _infer(client, "evict-b")
-        assert _loaded(mesh, "evict-a") == ["pod-1"] and _loaded(mesh, "evict-b") == ["pod-1"]
+        assert _loaded(mesh, "evict-a", ["pod-1"]) == ["pod-1"] and _loaded(mesh, "evict-b", ["pod-1"]) == ["pod-1"]
         _infer(client, "evict-c")
-        assert _loaded(mesh, "evict-c") == ["pod-1"]
-        assert _loaded(mesh, "evict-a") == [], "the least recently used model should have been evicted"
-        assert _loaded(mesh, "evict-b") == ["pod-1"]
+        assert _loaded(mesh, "evict-c", ["pod-1"]) == ["pod-1"]
+        assert _loaded(mesh, "evict-a", []) == [], "the least recently used model should have been evicted"
+        assert _loaded(mesh, "evict-b", ["pod-1"]) == ["pod-1"]
         # Using A again evicts B, now the least recently used, and A is served correctly.
         _infer(client, "evict-b")
         out = _infer(client, "evict-a")
         assert out.shape == (1, 3)
-        assert _loaded(mesh, "evict-c") == [] and _loaded(mesh, "evict-a") == ["pod-1"]
+        assert _loaded(mesh, "evict-c", []) == [] and _loaded(mesh, "evict-a", ["pod-1"]) == ["pod-1"]
         client.close()
     finally:
         mesh.stop()

@@ -1,0 +1,1 @@
+"""Placement: the leader-elected service that decides which runtime pod loads which model."""

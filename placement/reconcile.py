@@ -1,0 +1,111 @@
+"""The leader's clean-up loop: assignments that should no longer exist are deleted (fenced).
+
+Runs after state changes (debounced) and every few seconds as a safety net, only while this
+replica leads. Three cases:
+- the model was unregistered: its assignments go, whatever their copies' state — the pod
+  stops a load in progress and unloads;
+- the pod is dead (its instance record expired with its lease): its assignments go; its
+  copies went with the lease, and the next miss re-places the model on a live pod;
+- the pod is overcommitted (the measured sizes of its LOADED copies exceed its capacity,
+  e.g. a model measured bigger than predicted): the least recently used loaded models go
+  (planner.overcommit_victims), never the newest, an in-flight one or a copy still LOADING —
+  deleting a loading copy would only waste the load and the miss waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from mesh.kv.etcd import delete_op
+from mesh.types import CopyState
+from placement import planner
+from placement.controller import Controller
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, controller: Controller, interval_s: float = 5.0, debounce_s: float = 0.05) -> None:
+        self.controller = controller
+        self.state = controller.state
+        self.interval_s = interval_s
+        self.debounce_s = debounce_s
+        self._dirty = asyncio.Event()
+        self.state.on_change(self._on_change)
+
+    def _on_change(self, section: str, ids: tuple[str, ...]) -> None:
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Runs until cancelled (under the Supervisor)."""
+        await self.state.view.wait_synced()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.interval_s)
+            await asyncio.sleep(self.debounce_s)  # let a burst of changes land first
+            self._dirty.clear()
+            if self.controller.leader.is_leader:
+                await self.reconcile_once()
+
+    def stale_assignments(self) -> dict[str, list[tuple[str, str]]]:
+        """instance id -> [(model id, reason)] for unregistered models and dead pods."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for instance_id, models in self.state.assignments.items():
+            alive = instance_id in self.state.instances
+            for model_id in sorted(models):
+                if not alive:
+                    out.setdefault(instance_id, []).append((model_id, "dead_pod"))
+                elif model_id not in self.state.models:
+                    out.setdefault(instance_id, []).append((model_id, "unregistered"))
+        return out
+
+    def overcommitted(self) -> list[str]:
+        """Live pods whose LOADED copies measure more than the pod's capacity."""
+        out = []
+        for instance_id, inst in self.state.instances.items():
+            measured = 0
+            for model_id in self.state.assignments.get(instance_id, {}):
+                copy = self.state.copies.get(model_id, {}).get(instance_id)
+                if copy is not None and copy.state is CopyState.LOADED:
+                    measured += copy.size_bytes
+            if measured > inst.capacity_bytes:
+                out.append(instance_id)
+        return sorted(out)
+
+    async def reconcile_once(self) -> int:
+        """One pass; returns how many assignments it deleted."""
+        deleted = 0
+        for instance_id, stale in sorted(self.stale_assignments().items()):
+            if await self._delete(instance_id, stale):
+                deleted += len(stale)
+        await self.controller.usage.forget({i.address for i in self.state.instances.values()})
+        over = self.overcommitted()
+        if over:
+            usage = await self.controller.gather_usage(over)
+            for instance_id in over:
+                if instance_id not in self.state.instances:
+                    continue
+                pod = self.controller.pod_view(instance_id, usage.get(instance_id))
+                victims = planner.overcommit_victims(_loaded_only(pod))
+                if victims and await self._delete(instance_id, [(m, "overcommit") for m in victims]):
+                    deleted += len(victims)
+        return deleted
+
+    async def _delete(self, instance_id: str, items: list[tuple[str, str]]) -> bool:
+        keys = self.state.keys
+        ops = [delete_op(keys.assignment(instance_id, model_id)) for model_id, _ in items]
+        if not await self.controller.leader.write(ops):
+            return False
+        metrics = self.controller.metrics
+        for model_id, reason in items:
+            if reason == "overcommit":
+                metrics.evictions.labels("overcommit").inc()
+            log.info("removed assignment of model %s on %s: %s", model_id, instance_id, reason)
+        return True
+
+
+def _loaded_only(pod: planner.PodView) -> planner.PodView:
+    """Measured use counts only LOADED copies: a loading copy has no measured size yet."""
+    return planner.PodView(pod.instance_id, pod.capacity_bytes, tuple(m for m in pod.models if m.loaded))

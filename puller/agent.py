@@ -1,0 +1,301 @@
+"""The pod's etcd side: registration under a lease, and reconciling loads with assignments.
+
+    instances/<id>           InstanceRecord, leased, re-put after every load / unload
+    assignments/<id>/<m>     watched (View); each one present and not loaded -> a load task
+    copies/<m>/<id>          CopyRecord LOADING -> LOADED | FAILED, leased; deleted on unload
+    stats/<m>                ModelStats (not leased: placement remembers sizes across unloads)
+
+The in-memory copy records are the truth; `_sync_copy` writes a model's current record (or
+deletes it) under a per-model lock, so a late write can never resurrect a record an unload
+removed. A lost lease is replaced and everything re-put. Stopping revokes the lease, so the
+pod's records vanish at once instead of after the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+
+from mesh import types
+from mesh.clock import Clock
+from mesh.errors import MeshError
+from mesh.kv.etcd import EtcdClient, Event, Lease
+from mesh.kv.keys import Keys
+from mesh.kv.view import View
+from mesh.metrics import Metrics
+from mesh.tasks import Supervisor
+from mesh.types import Assignment, CopyRecord, CopyState, InstanceRecord, ModelStats
+from puller.cache import ArtifactCache
+from puller.executor import Executor, LoadedModel
+from puller.table import ModelTable, Served
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    instance_id: str
+    address: str
+    capacity_bytes: int
+    device: str = "cpu"
+
+
+class Agent:
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        identity: Identity,
+        lease_ttl_s: int,
+        cache: ArtifactCache,
+        executor: Executor,
+        table: ModelTable,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.identity = identity
+        self.lease_ttl_s = lease_ttl_s
+        self.cache = cache
+        self.executor = executor
+        self.table = table
+        self.metrics = metrics
+        self.clock = clock
+        self.view = View(client, keys.assignments_of(identity.instance_id))
+        self.supervisor = Supervisor()
+        self.lease: Lease | None = None
+        self.started_unix_ms = clock.unix_ms()
+        self._wake = asyncio.Event()
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._failed: dict[str, Assignment] = {}  # not retried until the assignment changes
+        self._copies: dict[str, CopyRecord] = {}
+        self._copy_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._instance_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.view.subscribe(self._on_assignments)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.lease = await self.client.grant(self.lease_ttl_s)
+        self.metrics.capacity_bytes.set(self.identity.capacity_bytes)
+        await self._sync_instance()
+        log.info("registered instance %s at %s", self.identity.instance_id, self.identity.address)
+        self.supervisor.start("lease", self._lease_loop)
+        self.supervisor.start("assignments-watch", self.view.run)
+        self.supervisor.start("reconcile", self._reconcile_loop)
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.lease is not None:
+            try:
+                await self.lease.revoke()
+            except MeshError as exc:
+                log.warning("could not revoke lease (records expire after its TTL): %s", exc)
+        for model_id in self.table.ids():
+            served = self.table.remove(model_id)
+            if served is not None:
+                self.cache.release(served.artifact_key)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            assert self.lease is not None
+            await self.lease.keep_alive()  # returns only when the lease is lost
+            log.warning("lease of instance %s lost; re-registering", self.identity.instance_id)
+            self.lease = await self.client.grant(self.lease_ttl_s)
+            await self._sync_instance()
+            for model_id in list(self._copies):
+                await self._sync_copy(model_id)
+
+    # -- reconciling --------------------------------------------------------------------------
+
+    def _on_assignments(self, events: list[Event]) -> None:
+        self._wake.set()
+
+    def desired(self) -> dict[str, Assignment]:
+        out: dict[str, Assignment] = {}
+        for key, value in self.view.items():
+            try:
+                assignment = types.decode(Assignment, value)
+            except ValueError as exc:
+                log.warning("ignoring malformed assignment %s: %s", key, exc)
+                continue
+            out[key.rsplit("/", 1)[-1]] = assignment
+        return out
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        desired = self.desired()
+        for model_id, assignment in desired.items():
+            if model_id in self.table or model_id in self._loading:
+                continue
+            if self._failed.get(model_id) == assignment:
+                continue
+            self._failed.pop(model_id, None)
+            self._loading[model_id] = self._spawn(self._load(model_id, assignment))
+        for model_id in self.table.ids():
+            if model_id not in desired:
+                self._spawn(self._unload(model_id))
+        for model_id in list(self._failed):
+            if model_id not in desired:
+                del self._failed[model_id]
+                self._copies.pop(model_id, None)
+                self._spawn(self._sync_copy(model_id))
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _load(self, model_id: str, assignment: Assignment) -> None:
+        try:
+            self._set_copy(model_id, CopyState.LOADING)
+            await self._sync_copy(model_id)
+            artifact = await self.cache.acquire(assignment.storage_uri, assignment.sha256)
+            try:
+                model = await self.executor.load(model_id, str(artifact.path))
+            except BaseException:
+                self.cache.release(artifact.key)
+                raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._load_failed(model_id, assignment, exc)
+            return
+        finally:
+            self._loading.pop(model_id, None)
+        self.metrics.loads.labels("ok").inc()
+        self.metrics.load_seconds.observe(model.load_ms / 1000)
+        if model_id not in self.desired():  # unassigned while loading: discard
+            log.info("model %s was unassigned while loading; discarding it", model_id)
+            self.cache.release(artifact.key)
+            self._copies.pop(model_id, None)
+            await self._sync_copy(model_id)
+            return
+        self.table.add(Served(model, artifact.key, self.clock.unix_ms()))
+        log.info("loaded model %s (%d bytes, %d ms)", model_id, model.size_bytes, model.load_ms)
+        self._set_copy(model_id, CopyState.LOADED, size_bytes=model.size_bytes, load_ms=model.load_ms)
+        await self._sync_copy(model_id)
+        await self._sync_instance()
+        await self._put_stats(model_id, model=model)
+        self._wake.set()  # the assignment may have gone meanwhile
+
+    async def _load_failed(self, model_id: str, assignment: Assignment, exc: Exception) -> None:
+        reason = exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+        log.warning("loading model %s failed: %s", model_id, reason)
+        self.metrics.loads.labels("failed").inc()
+        if model_id not in self.desired():
+            self._copies.pop(model_id, None)
+            await self._sync_copy(model_id)
+            return
+        self._failed[model_id] = assignment
+        self._set_copy(model_id, CopyState.FAILED, error=reason)
+        await self._sync_copy(model_id)
+        await self._put_stats(model_id, error=reason)
+        self._wake.set()
+
+    async def _unload(self, model_id: str) -> None:
+        start = time.perf_counter()
+        served = self.table.remove(model_id)
+        if served is not None:
+            self.cache.release(served.artifact_key)
+            del served  # the session goes when in-flight requests holding it finish
+            self.metrics.unloads.inc()
+            self.metrics.unload_seconds.observe(time.perf_counter() - start)
+            log.info("unloaded model %s", model_id)
+        self._copies.pop(model_id, None)
+        await self._sync_copy(model_id)
+        await self._sync_instance()
+
+    # -- writing etcd -------------------------------------------------------------------------
+
+    def _set_copy(self, model_id: str, state: CopyState, **fields: object) -> None:
+        self._copies[model_id] = CopyRecord(
+            model_id=model_id,
+            instance_id=self.identity.instance_id,
+            address=self.identity.address,
+            state=state,
+            updated_unix_ms=self.clock.unix_ms(),
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def _lease_id(self) -> int:
+        assert self.lease is not None
+        return self.lease.id
+
+    async def _sync_copy(self, model_id: str) -> None:
+        """Writes the model's current copy record, or deletes it when there is none."""
+        key = self.keys.copy(model_id, self.identity.instance_id)
+        lock = self._copy_locks[model_id]
+        async with lock:
+            record = self._copies.get(model_id)
+            try:
+                if record is None:
+                    await self.client.delete(key)
+                else:
+                    await self.client.put(key, types.encode(record), lease=self._lease_id())
+            except MeshError as exc:
+                log.warning("could not write copy record of %s: %s", model_id, exc)
+        if model_id not in self._copies and not lock.locked():
+            self._copy_locks.pop(model_id, None)
+
+    async def _sync_instance(self) -> None:
+        async with self._instance_lock:
+            used = self.table.used_bytes()
+            self.metrics.used_bytes.set(used)
+            self.metrics.models_loaded.set(len(self.table))
+            record = InstanceRecord(
+                instance_id=self.identity.instance_id,
+                address=self.identity.address,
+                capacity_bytes=self.identity.capacity_bytes,
+                used_bytes=used,
+                models=tuple(self.table.ids()),
+                device=self.identity.device,
+                started_unix_ms=self.started_unix_ms,
+            )
+            try:
+                await self.client.put(
+                    self.keys.instance(self.identity.instance_id), types.encode(record), lease=self._lease_id()
+                )
+            except MeshError as exc:
+                log.warning("could not write instance record: %s", exc)
+
+    async def _put_stats(self, model_id: str, model: LoadedModel | None = None, error: str = "") -> None:
+        key = self.keys.stats(model_id)
+        try:
+            current = await self.client.get(key)
+            stats = ModelStats(model_id=model_id)
+            if current is not None:
+                try:
+                    stats = types.decode(ModelStats, current.value)
+                except ValueError:
+                    pass
+            if model is not None:
+                stats = dataclasses.replace(
+                    stats,
+                    size_bytes=model.size_bytes,
+                    load_ms=model.load_ms,
+                    inputs=tuple(s.as_dict() for s in model.inputs.values()),
+                    outputs=tuple(s.as_dict() for s in model.outputs.values()),
+                    last_error="",  # the latest load worked: status shows no stale failure
+                    last_error_unix_ms=0,
+                )
+            if error:
+                stats = dataclasses.replace(stats, last_error=error, last_error_unix_ms=self.clock.unix_ms())
+            await self.client.put(key, types.encode(stats))
+        except MeshError as exc:
+            log.warning("could not write stats of %s: %s", model_id, exc)

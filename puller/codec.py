@@ -1,0 +1,220 @@
+"""KServe V2 tensors <-> numpy, with Triton-style validation. Pure: no grpc imports.
+
+Requests are read by attribute (`.inputs`, `.raw_input_contents`, each input's `.name`,
+`.datatype`, `.shape`, `.contents.<field>_contents`), so any message with the V2 field names
+works: ours in the server, tritonclient's in unit tests. Every rejection is an
+InvalidArgument saying what was wrong and what was expected. Raw contents are decoded with
+np.frombuffer (a view of the request bytes, no copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mesh.errors import InvalidArgument
+from puller.datatypes import CONTENT_FIELDS, V2, TensorSpec, v2_of_numpy
+
+_MAX_ELEMENTS = 2**62  # far beyond any message size; stops int64 overflow in byte counts
+_LEN = struct.Struct("<I")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    feeds: dict[str, np.ndarray]
+    raw: bool  # the request used raw_input_contents: answer with raw_output_contents
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedOutput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | None = None  # set when the response uses raw_output_contents
+    field: str | None = None  # else the typed contents field ...
+    values: list[Any] | None = None  # ... and its values
+
+
+def element_count(name: str, shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgument(f"input '{name}' has a negative dimension in shape {list(shape)}")
+        count *= dim
+        if count > _MAX_ELEMENTS:
+            raise InvalidArgument(f"input '{name}' shape {list(shape)} has too many elements")
+    return count
+
+
+def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> None:
+    if spec.shape and len(shape) != len(spec.shape):
+        raise InvalidArgument(
+            f"input '{spec.name}' has rank {len(shape)} (shape {list(shape)}) but the model "
+            f"expects rank {len(spec.shape)} (shape {list(spec.shape)}, -1 = any size)"
+        )
+    for got, want in zip(shape, spec.shape, strict=False):
+        if want >= 0 and got != want:
+            raise InvalidArgument(
+                f"input '{spec.name}' has shape {list(shape)} but the model expects "
+                f"{list(spec.shape)} (-1 = any size)"
+            )
+
+
+def split_bytes(name: str, buf: bytes, count: int) -> list[bytes]:
+    """Raw BYTES: each element is a 4-byte little-endian length followed by that many bytes."""
+    view = memoryview(buf)
+    out: list[bytes] = []
+    offset, end = 0, len(buf)
+    while offset < end:
+        if len(out) >= count:
+            raise InvalidArgument(f"input '{name}': raw BYTES holds more than the {count} elements its shape says")
+        if offset + 4 > end:
+            raise InvalidArgument(f"input '{name}': raw BYTES ends inside a 4-byte length prefix")
+        (length,) = _LEN.unpack_from(buf, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidArgument(
+                f"input '{name}': raw BYTES element {len(out)} claims {length} bytes but only "
+                f"{end - offset} remain"
+            )
+        out.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(out) != count:
+        raise InvalidArgument(f"input '{name}': raw BYTES holds {len(out)} elements, shape says {count}")
+    return out
+
+
+def _object_array(items: list[bytes], shape: Sequence[int]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr.reshape(tuple(shape))
+
+
+def _from_raw(spec: TensorSpec, buf: bytes, shape: Sequence[int], count: int) -> np.ndarray:
+    dtype = V2[spec.datatype][0]
+    if spec.datatype == "BYTES":
+        return _object_array(split_bytes(spec.name, buf, count), shape)
+    expected = count * dtype.itemsize
+    if len(buf) != expected:
+        raise InvalidArgument(
+            f"input '{spec.name}': raw contents are {len(buf)} bytes but shape {list(shape)} of "
+            f"{spec.datatype} needs exactly {expected}"
+        )
+    return np.frombuffer(buf, dtype=dtype).reshape(tuple(shape))
+
+
+def _from_typed(spec: TensorSpec, contents: Any, shape: Sequence[int], count: int) -> np.ndarray:
+    dtype, field = V2[spec.datatype]
+    if field is None:
+        raise InvalidArgument(f"input '{spec.name}': {spec.datatype} must be sent in raw_input_contents")
+    for other in CONTENT_FIELDS:
+        if other != field and len(getattr(contents, other)):
+            raise InvalidArgument(f"input '{spec.name}': {spec.datatype} data goes in {field}, not {other}")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{spec.name}': {field} has {len(values)} elements but shape {list(shape)} needs {count}"
+        )
+    if spec.datatype == "BYTES":
+        return _object_array(list(values), shape)
+    try:
+        arr = np.array(values, dtype=dtype)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidArgument(f"input '{spec.name}': values do not fit {spec.datatype}: {exc}") from exc
+    if dtype.kind in "iu" and dtype.itemsize < 4 and count:
+        # int_contents / uint_contents carry 32-bit values; numpy would wrap the narrow ones.
+        wide = np.array(values, dtype=np.int64)
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidArgument(
+                f"input '{spec.name}': values do not fit {spec.datatype} (range {info.min}..{info.max})"
+            )
+    return arr.reshape(tuple(shape))
+
+
+def _has_typed(tensor: Any) -> bool:
+    return tensor.HasField("contents") and any(len(getattr(tensor.contents, f)) for f in CONTENT_FIELDS)
+
+
+def decode_inputs(request: Any, specs: Mapping[str, TensorSpec]) -> Decoded:
+    """Validates a ModelInferRequest against the model's inputs and returns numpy feeds."""
+    raw_contents = request.raw_input_contents
+    raw = len(raw_contents) > 0
+    if raw and len(raw_contents) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw_contents)} entries but the request has "
+            f"{len(request.inputs)} inputs; send one per input, in order"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(f"unknown input '{tensor.name}'; the model's inputs are {sorted(specs)}")
+        if tensor.name in feeds:
+            raise InvalidArgument(f"input '{tensor.name}' appears more than once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'} but the model "
+                f"expects {spec.datatype}"
+            )
+        shape = list(tensor.shape)
+        count = element_count(tensor.name, shape)
+        _check_shape(spec, shape)
+        if raw:
+            if _has_typed(tensor):
+                raise InvalidArgument(
+                    f"input '{tensor.name}' has typed contents but the request uses raw_input_contents; "
+                    "use one or the other"
+                )
+            feeds[tensor.name] = _from_raw(spec, raw_contents[index], shape, count)
+        else:
+            feeds[tensor.name] = _from_typed(spec, tensor.contents, shape, count)
+    missing = sorted(specs.keys() - feeds.keys())
+    if missing:
+        raise InvalidArgument(f"missing inputs {missing}; the model needs {sorted(specs)}")
+    return Decoded(feeds, raw)
+
+
+def requested_outputs(request: Any, specs: Mapping[str, TensorSpec]) -> list[str]:
+    """Output names to compute: the requested ones (validated), else all of the model's."""
+    names = [out.name for out in request.outputs]
+    if not names:
+        return list(specs)
+    for name in names:
+        if name not in specs:
+            raise InvalidArgument(f"unknown output '{name}' requested; the model's outputs are {sorted(specs)}")
+    return list(dict.fromkeys(names))
+
+
+def join_bytes(items: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in items.ravel():
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _as_bytes_list(arr: np.ndarray) -> list[bytes]:
+    return [x if isinstance(x, bytes) else str(x).encode() for x in arr.ravel()]
+
+
+def encode_outputs(names: Sequence[str], arrays: Sequence[np.ndarray], raw: bool) -> list[EncodedOutput]:
+    """numpy outputs -> V2 tensors; raw when asked, or when a datatype has no typed field."""
+    datatypes = [v2_of_numpy(arr.dtype) for arr in arrays]
+    raw = raw or any(V2[dt][1] is None for dt in datatypes)
+    out: list[EncodedOutput] = []
+    for name, arr, datatype in zip(names, arrays, datatypes, strict=True):
+        shape = tuple(int(d) for d in arr.shape)
+        if raw:
+            data = join_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            out.append(EncodedOutput(name, datatype, shape, raw=data))
+        elif datatype == "BYTES":
+            out.append(EncodedOutput(name, datatype, shape, field="bytes_contents", values=_as_bytes_list(arr)))
+        else:
+            out.append(EncodedOutput(name, datatype, shape, field=V2[datatype][1], values=arr.ravel().tolist()))
+    return out

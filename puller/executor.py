@@ -1,0 +1,136 @@
+"""onnxruntime sessions: loading (with a warm-up and a size measurement) and running.
+
+Everything blocking runs on one ThreadPoolExecutor sized `executor_threads` on purpose: the
+event loop keeps serving while sessions load and run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from mesh.errors import InvalidArgument, LoadFailed, MeshError
+from puller import gpu
+from puller.datatypes import ORT_TO_V2, V2, TensorSpec
+
+log = logging.getLogger(__name__)
+
+# onnxruntime raises these when the feeds (values or dynamic sizes) do not suit the graph; the
+# shapes and datatypes we could check before running already passed (codec.py).
+_INPUT_ERRORS = (ort_errors.InvalidArgument, ort_errors.Fail)
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedModel:
+    model_id: str
+    session: ort.InferenceSession
+    inputs: dict[str, TensorSpec]  # in the model's order
+    outputs: dict[str, TensorSpec]
+    size_bytes: int
+    load_ms: int
+    bytes_inputs: frozenset[str] = frozenset()  # BYTES inputs: onnxruntime wants str
+
+
+def _dims(shape: Sequence[object]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    datatype = ORT_TO_V2.get(arg.type)
+    if datatype is None:
+        raise LoadFailed(f"tensor '{arg.name}' has type {arg.type}, which meshserve cannot serve")
+    return TensorSpec(arg.name, datatype, _dims(arg.shape))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
+    try:
+        items = [x.decode() if isinstance(x, bytes) else str(x) for x in arr.ravel()]
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"input '{name}': BYTES element is not UTF-8 (onnxruntime strings are text)") from exc
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out.reshape(arr.shape)
+
+
+class Executor:
+    def __init__(self, threads: int, intra_op_threads: int, cuda: bool) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ort")
+        self.intra_op_threads = intra_op_threads
+        self.providers = gpu.providers(cuda)
+        # Loads are measured one at a time: an RSS delta taken while another session is being
+        # created would count both.
+        self._measure = asyncio.Lock()
+
+    async def load(self, model_id: str, path: str) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        async with self._measure:
+            return await loop.run_in_executor(self.pool, self._load, model_id, path)
+
+    def _load(self, model_id: str, path: str) -> LoadedModel:
+        start = time.perf_counter()
+        file_size = os.path.getsize(path)
+        rss_before = _rss_bytes()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        try:
+            session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
+        except Exception as exc:  # the message names the cache path: keep it out of etcd
+            reason = str(exc).replace(path, "<artifact>")
+            raise LoadFailed(f"onnxruntime cannot load model '{model_id}': {reason}") from exc
+        inputs = {arg.name: _spec(arg) for arg in session.get_inputs()}
+        outputs = {arg.name: _spec(arg) for arg in session.get_outputs()}
+        bytes_inputs = frozenset(n for n, s in inputs.items() if s.datatype == "BYTES")
+        self._warm_up(model_id, session, inputs)
+        # Footprint = what the session added to this process, at least the file size.
+        # TODO(issue #3): on a GPU pod measure device memory through NVML instead of host RSS.
+        size = max(file_size, _rss_bytes() - rss_before)
+        load_ms = int((time.perf_counter() - start) * 1000)
+        return LoadedModel(model_id, session, inputs, outputs, size, load_ms, bytes_inputs)
+
+    def _warm_up(self, model_id: str, session: ort.InferenceSession, inputs: Mapping[str, TensorSpec]) -> None:
+        feeds: dict[str, np.ndarray] = {}
+        for name, spec in inputs.items():
+            shape = tuple(d if d >= 0 else 1 for d in spec.shape)
+            if spec.datatype == "BYTES":
+                feeds[name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[name] = np.ones(shape, dtype=V2[spec.datatype][0])
+        try:
+            session.run(None, feeds)
+        except Exception as exc:  # some graphs reject dummy values; serving may still work
+            log.warning("warm-up run of model '%s' failed (serving anyway): %s", model_id, exc)
+
+    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._run, model, feeds, outputs)
+
+    def _run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        for name in model.bytes_inputs:
+            feeds[name] = _to_ort_strings(name, feeds[name])
+        try:
+            return model.session.run(outputs, feeds)
+        except _INPUT_ERRORS as exc:
+            raise InvalidArgument(f"model '{model.model_id}' rejected the input: {exc}") from exc
+        except Exception as exc:
+            raise MeshError(f"model '{model.model_id}' failed to run: {exc}") from exc
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

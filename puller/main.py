@@ -1,0 +1,99 @@
+"""Entry point of a runtime pod: `serve` until stopped, `main` for the CLI and containers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+import socket
+
+from mesh import logs
+from mesh import metrics as metrics_mod
+from mesh.clock import Clock, SystemClock
+from mesh.kv.etcd import EtcdClient
+from mesh.kv.keys import Keys
+from mesh.metrics import Metrics
+from mesh.rpc.server import install_stop_signals
+from mesh.settings import CommonSettings, RuntimeSettings
+from puller import gpu
+from puller.agent import Agent, Identity
+from puller.cache import ArtifactCache
+from puller.executor import Executor
+from puller.server import build_server
+from puller.storage import providers
+from puller.table import ModelTable
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 5.0
+
+
+def instance_id(settings: RuntimeSettings, port: int) -> str:
+    return settings.instance_id or f"{socket.gethostname()}-{port}"
+
+
+def _listen_host(listen: str) -> str:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+
+
+async def serve(
+    common: CommonSettings,
+    settings: RuntimeSettings,
+    stop: asyncio.Event,
+    metrics: Metrics,
+    clock: Clock | None = None,
+) -> None:
+    clock = clock or SystemClock()
+    info = await asyncio.to_thread(gpu.detect)
+    cuda = gpu.use_cuda(settings.use_gpu, info)
+    capacity = max(info.total_bytes - settings.reserve, 0) if cuda else settings.capacity
+    device = f"cuda:0 {info.name}".strip() if cuda else "cpu"
+
+    table = ModelTable()
+    executor = Executor(settings.executor_threads, settings.intra_op_threads, cuda)
+    cache = ArtifactCache(pathlib.Path(settings.cache_dir), settings.cache_bytes, providers(settings), metrics)
+    ready = asyncio.Event()
+    server, port = build_server(
+        settings.listen, settings.max_message_bytes, table, executor, clock, ready, metrics
+    )
+    listen_host = settings.listen.rsplit(":", 1)[0]
+    address = settings.advertise or f"{_listen_host(settings.listen)}:{port}"
+    identity = Identity(instance_id(settings, port), address, capacity, device)
+    client = EtcdClient(common.endpoints())
+    agent = Agent(client, Keys(common.root), identity, common.lease_ttl_s, cache, executor, table, metrics, clock)
+    try:
+        await cache.start()
+        metrics_mod.serve(metrics, listen_host or "127.0.0.1", settings.metrics_port)
+        await server.start()
+        await agent.start()
+        ready.set()
+        log.info("runtime %s serving on %s (%s, capacity %d bytes)", identity.instance_id, address, device, capacity)
+        await stop.wait()
+    finally:
+        ready.clear()
+        log.info("runtime %s stopping", identity.instance_id)
+        await server.stop(GRACE_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agent.stop(), GRACE_S)
+        await cache.close()
+        await client.close()
+        executor.close()
+
+
+def main() -> None:
+    common = CommonSettings()
+    settings = RuntimeSettings()
+    logs.setup(common.log_level, "runtime")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await serve(common, settings, stop, Metrics(service="runtime"))
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

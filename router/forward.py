@@ -1,0 +1,186 @@
+"""Byte forwarding of ModelInfer / ModelStreamInfer to runtime pods.
+
+Requests and responses stay bytes end to end: the router reads the model id from the wire
+(modelid.py) and never parses tensors. Channels are long-lived, one per pod address. A copy
+answering UNAVAILABLE (or unreachable) is excluded and the request re-sent to another ready
+copy, at most `forward_attempts` tries; when no copy is left the miss path runs once. Any other
+status of a pod reaches the caller with the pod's code and details unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+
+from mesh import errors
+from mesh.errors import MeshError, Unavailable
+from mesh.metrics import Metrics
+from mesh.rpc.server import ChannelPool
+from mesh.settings import RouterSettings
+from mesh.state import MeshState
+from router import modelid, policy, v2
+from router.miss import MissHandler
+from router.table import RouteTable
+
+log = logging.getLogger(__name__)
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# Connection-level metadata that belongs to one hop, never forwarded.
+_HOP_BY_HOP = frozenset(
+    {"user-agent", "te", "content-type", "connection", "keep-alive", "host", "transfer-encoding",
+     "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding"}
+)
+SWEEP_INTERVAL_S = 30.0
+
+
+class PodStatus(Exception):
+    """A pod's own non-retryable status, passed to the caller unchanged."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def forwarded_metadata(metadata: Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (key, value)
+        for key, value in metadata or ()
+        if not key.startswith(":") and not key.startswith("grpc-") and key not in _HOP_BY_HOP
+    )
+
+
+class Forwarder:
+    def __init__(
+        self,
+        state: MeshState,
+        table: RouteTable,
+        miss: MissHandler,
+        pool: ChannelPool,
+        settings: RouterSettings,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.state = state
+        self.table = table
+        self.miss = miss
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    # -- the domain call ----------------------------------------------------------------------
+
+    async def infer(
+        self, request: bytes, metadata: Iterable[tuple[str, Any]] | None, budget_s: float | None
+    ) -> bytes:
+        """Routes one serialized ModelInferRequest; returns the pod's response bytes.
+
+        `budget_s` is the caller's remaining time (None: the default deadline). Raises
+        MeshError for the mesh's own failures and PodStatus for a pod's answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (budget_s if budget_s is not None else self.settings.default_deadline_s)
+        model_id, request = modelid.resolve(metadata, request)
+        if not self.table.synced:
+            await self._await_sync(deadline)
+        if model_id not in self.state.models:
+            raise errors.model_not_found(model_id)
+        forward_md = forwarded_metadata(metadata)
+        m = self.metrics
+        if self.table.ready(model_id):
+            m.cache_hits.labels(m.service).inc()
+        excluded: set[str] = set()
+        missed = False
+        attempts = 0
+        while True:
+            address = policy.pick(self.table.addresses(model_id), self.table.in_flight, excluded, self.rng)
+            if address is None:
+                # No copy (left): the copies may have been evicted or died; load once more.
+                if missed:
+                    raise Unavailable(f"no reachable copy of model '{model_id}'; retry")
+                missed = True
+                await self.miss.ensure(model_id, deadline)
+                continue
+            attempts += 1
+            try:
+                return await self._call(address, request, forward_md, deadline)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise PodStatus(code, exc.details() or "") from None
+                log.info("copy of %s at %s unavailable: %s", model_id, address, exc.details())
+                if attempts >= self.settings.forward_attempts:
+                    raise Unavailable(
+                        f"model '{model_id}': {attempts} copies tried, all unavailable; retry"
+                    ) from None
+                excluded.add(address)
+                m.forward_retries.inc()
+
+    async def _call(
+        self, address: str, request: bytes, metadata: tuple[tuple[str, Any], ...], deadline: float
+    ) -> bytes:
+        timeout = deadline - asyncio.get_running_loop().time()
+        if timeout <= 0:
+            raise errors.DeadlineExceeded("deadline exceeded before the request reached a copy")
+        call = self._calls.get(address)
+        if call is None:
+            call = self.pool.get(address).unary_unary(INFER_METHOD)
+            self._calls[address] = call
+        with self.table.track(address):
+            return await call(request, timeout=timeout, metadata=metadata)
+
+    async def _await_sync(self, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.state.view.wait_synced()
+        except TimeoutError:
+            raise Unavailable("router has not loaded the mesh state from etcd yet; retry") from None
+
+    async def sweep(self) -> None:
+        """Closes channels to pods that are gone (run under a Supervisor)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            if not self.table.synced:
+                continue
+            live = self.table.live_addresses()
+            for address in self.pool.addresses():
+                if address not in live and not self.table.in_flight.get(address):
+                    self._calls.pop(address, None)
+                    await self.pool.discard(address)
+
+    # -- gRPC handlers (bytes in, bytes out) ---------------------------------------------------
+
+    def budget(self, context: grpc.aio.ServicerContext) -> float:
+        """The caller's remaining time in seconds, or the default deadline when it set none."""
+        remaining = context.time_remaining()
+        return self.settings.default_deadline_s if remaining is None else remaining
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await self.infer(request, context.invocation_metadata(), self.budget(context))
+        except PodStatus as exc:
+            await context.abort(exc.code, exc.details)
+            raise  # unreachable: abort raises
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Each message is routed on its own and answered in order; a failed message is
+        answered with error_message and the stream goes on."""
+        metadata = context.invocation_metadata()
+        async for request in requests:
+            try:
+                response = await self.infer(request, metadata, self.budget(context))
+            except PodStatus as exc:
+                yield v2.stream_error(f"{exc.code.name}: {exc.details}")
+            except MeshError as exc:
+                yield v2.stream_error(f"{exc.kind.value}: {exc.message}")
+            else:
+                yield v2.stream_response(response)

@@ -1,0 +1,86 @@
+"""The router process: V2 inference + registration API on one gRPC server over a watched view
+of the mesh state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mesh import logs
+from mesh import metrics as metrics_mod
+from mesh.clock import SystemClock
+from mesh.kv.etcd import EtcdClient
+from mesh.kv.keys import Keys
+from mesh.kv.view import View
+from mesh.metrics import Metrics
+from mesh.pb.v1 import registry_pb2_grpc
+from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
+from mesh.rpc.status import StatusInterceptor
+from mesh.settings import CommonSettings, RouterSettings
+from mesh.state import MeshState
+from mesh.tasks import Supervisor
+from router.forward import Forwarder
+from router.miss import MissHandler
+from router.registry import Registry
+from router.registry_api import RegistryServicer
+from router.servicer import InferenceServicer
+from router.table import RouteTable
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 5.0
+
+
+async def serve(
+    common: CommonSettings, settings: RouterSettings, stop: asyncio.Event, metrics: Metrics
+) -> None:
+    """Runs the router until `stop` is set, then drains in-flight RPCs (bounded) and closes."""
+    keys = Keys(common.root)
+    client = EtcdClient(common.endpoints())
+    view = View(client, keys.prefix())
+    state = MeshState(view, keys)
+    table = RouteTable(state, metrics)
+    pods = ChannelPool(settings.max_message_bytes)
+    placement = ChannelPool(settings.max_message_bytes)
+    miss = MissHandler(state, table, placement, metrics, settings.default_deadline_s)
+    forwarder = Forwarder(state, table, miss, pods, settings, metrics)
+    registry = Registry(client, keys, state, settings, SystemClock())
+
+    supervisor = Supervisor()
+    supervisor.start("view", view.run)
+    supervisor.start("sync", table.track_sync)
+    supervisor.start("channel-sweep", forwarder.sweep)
+
+    server, port = make_server(
+        settings.listen, settings.max_message_bytes, [StatusInterceptor(metrics)],
+        settings.max_concurrent_rpcs,
+    )
+    server.add_generic_rpc_handlers([InferenceServicer(state, table, forwarder).handler()])
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(registry), server)
+    try:
+        await server.start()
+        host = settings.listen.rsplit(":", 1)[0]
+        metrics_mod.serve(metrics, host, settings.metrics_port)
+        log.info("router listening on %s (port %d), mesh root %s", settings.listen, port, keys.root)
+        await stop.wait()
+        log.info("router stopping")
+    finally:
+        await server.stop(GRACE_S)
+        await miss.close()
+        await supervisor.stop()
+        await pods.close()
+        await placement.close()
+        await client.close()
+
+
+def main() -> None:
+    common = CommonSettings()
+    settings = RouterSettings()
+    logs.setup(common.log_level, "router")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await serve(common, settings, stop, Metrics(service="router"))
+
+    asyncio.run(run())

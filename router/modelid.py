@@ -1,0 +1,51 @@
+"""Which model a V2 request is for, read without parsing the request.
+
+`mm-vmodel-id` metadata wins, then `mm-model-id` (ModelMesh compatibility), else
+ModelInferRequest.model_name (field 1) read straight from the serialized bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from mesh.errors import InvalidArgument
+from router import wire
+
+VMODEL_HEADER = "mm-vmodel-id"
+MODEL_HEADER = "mm-model-id"
+
+
+def model_name(request: bytes) -> str:
+    """ModelInferRequest.model_name from the wire bytes ("" when unset).
+
+    Walks the top-level fields only (tensor payloads are skipped by length, never parsed);
+    the last occurrence wins, as protobuf parsers do, so the router and the runtime pod always
+    agree on the model. Malformed bytes raise InvalidArgument.
+    """
+    return wire.string_field(request, 1)
+
+
+def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    found: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key in (VMODEL_HEADER, MODEL_HEADER) and isinstance(value, str):
+            found[key] = value
+    return found.get(VMODEL_HEADER) or found.get(MODEL_HEADER) or ""
+
+
+def resolve(metadata: Iterable[tuple[str, Any]] | None, request: bytes) -> tuple[str, bytes]:
+    """(model id, request bytes to forward).
+
+    When the id comes from metadata and differs from model_name, a model_name field is
+    appended to the bytes (a later field overrides an earlier one), so the pod serves the
+    model the router routed for, as ModelMesh does.
+    """
+    header = from_metadata(metadata)
+    body = model_name(request)
+    model_id = header or body
+    if not model_id:
+        raise InvalidArgument("no model id: set ModelInferRequest.model_name or the mm-model-id header")
+    if header and header != body:
+        request = request + wire.string(1, header)
+    return model_id, request

@@ -1,0 +1,222 @@
+"""The model registry: validation of specs, registration in etcd, status from MeshState.
+
+Every rule a spec breaks is answered with InvalidArgument naming the field and what is
+accepted. Storage URIs are checked against the configured schemes and, for file URIs, against
+the configured roots on realpath-canonical paths (symlinks and `..` resolved), never by string
+prefix of the raw input. Reads come from the watched MeshState; writes go to etcd and return
+once this router's view has caught up, so a registration is routable here at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+
+from mesh import types
+from mesh.clock import Clock
+from mesh.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from mesh.kv.etcd import EtcdClient
+from mesh.kv.keys import Keys
+from mesh.settings import RouterSettings
+from mesh.state import MeshState
+from mesh.types import CopyRecord, CopyState, ModelSpec, ModelStats
+
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_URI = 4096
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+CATCH_UP_S = 2.0  # longest a write waits for this router's view to show it
+
+
+class ModelState(enum.Enum):
+    NOT_LOADED = "NOT_LOADED"
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    FAILED = "FAILED"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    spec: ModelSpec
+    state: ModelState
+    copies: tuple[CopyRecord, ...] = ()
+    stats: ModelStats | None = None
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def check_model_id(model_id: str) -> str:
+    if not _MODEL_ID.fullmatch(model_id) or model_id in (".", ".."):
+        raise InvalidArgument(
+            f"invalid model_id {model_id[:140]!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return model_id
+
+
+def _check_file_path(uri: str, parts: urllib.parse.SplitResult, roots: list[str]) -> None:
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise InvalidArgument(
+            f"invalid storage_uri {uri!r}: a file URI needs an absolute path, file:///abs/path/model.onnx"
+        )
+    path = urllib.parse.unquote(parts.path)
+    if "\x00" in path or ".." in path.split("/"):
+        raise InvalidArgument(f"invalid storage_uri {uri!r}: '..' segments are not allowed")
+    if parts.query or parts.fragment:
+        raise InvalidArgument(f"invalid storage_uri {uri!r}: a file URI takes no query or fragment")
+    if not roots:
+        return
+    real = os.path.realpath(path)
+    for root in roots:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) == real_root:
+            return
+    raise InvalidArgument(
+        f"invalid storage_uri {uri!r}: file URIs must lie under the configured roots "
+        "(MESH_ROUTER_FILE_ROOTS)"
+    )
+
+
+def check_storage_uri(uri: str, settings: RouterSettings) -> str:
+    if not uri or len(uri) > MAX_URI or _CONTROL.search(uri) or " " in uri:
+        raise InvalidArgument(
+            f"invalid storage_uri: give 1-{MAX_URI} characters without spaces or control characters"
+        )
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    allowed = settings.schemes()
+    if scheme not in allowed:
+        raise InvalidArgument(
+            f"invalid storage_uri {uri[:200]!r}: scheme {scheme or '(none)'!r} is not accepted; "
+            f"use one of {', '.join(sorted(allowed))} (MESH_ROUTER_ALLOWED_SCHEMES)"
+        )
+    if scheme == "file":
+        _check_file_path(uri, parts, settings.roots())
+    elif not parts.netloc:
+        raise InvalidArgument(f"invalid storage_uri {uri[:200]!r}: a {scheme} URI needs a host")
+    return uri
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"too many labels ({len(labels)}): at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(
+                f"invalid label key {key[:80]!r}: use 1-63 characters from A-Z a-z 0-9 . _ - /, "
+                "starting with a letter or digit"
+            )
+        if len(value) > MAX_LABEL_VALUE or _CONTROL.search(value):
+            raise InvalidArgument(
+                f"invalid value of label {key!r}: at most {MAX_LABEL_VALUE} characters, "
+                "no control characters"
+            )
+    return dict(labels)
+
+
+def validate(spec: ModelSpec, settings: RouterSettings) -> ModelSpec:
+    """The spec as it will be stored (format and sha256 normalised); raises InvalidArgument."""
+    check_model_id(spec.model_id)
+    if spec.tenant and not _TENANT.fullmatch(spec.tenant):
+        raise InvalidArgument(
+            f"invalid tenant {spec.tenant[:80]!r}: use 1-63 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit, or leave it empty"
+        )
+    check_storage_uri(spec.storage_uri, settings)
+    fmt = spec.format.lower()
+    if fmt not in ("", "onnx"):
+        raise InvalidArgument(f"invalid format {spec.format[:40]!r}: only 'onnx' is supported")
+    if spec.sha256 and not _SHA256.fullmatch(spec.sha256):
+        raise InvalidArgument("invalid sha256: give the artifact's digest as 64 hex characters, or leave it empty")
+    labels = check_labels(spec.labels)
+    return dataclasses.replace(spec, format="onnx", sha256=spec.sha256.lower(), labels=labels)
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+class Registry:
+    def __init__(
+        self, client: EtcdClient, keys: Keys, state: MeshState, settings: RouterSettings, clock: Clock
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.state = state
+        self.settings = settings
+        self.clock = clock
+
+    async def register(self, spec: ModelSpec) -> ModelStatus:
+        spec = dataclasses.replace(validate(spec, self.settings), registered_unix_ms=self.clock.unix_ms())
+        try:
+            revision = await self.client.create(self.keys.model(spec.model_id), types.encode(spec))
+        except Conflict:
+            raise AlreadyExists(f"model '{spec.model_id}' is already registered") from None
+        view = self.state.view
+        await self._catch_up(lambda: view.revision >= revision)
+        return self.status_of(spec)
+
+    async def unregister(self, model_id: str) -> bool:
+        """Deletes the model's key (placement removes its copies); unknown ids succeed."""
+        check_model_id(model_id)
+        existed = await self.client.delete(self.keys.model(model_id)) > 0
+        if existed:
+            await self._catch_up(lambda: model_id not in self.state.models)
+        return existed
+
+    def get(self, model_id: str) -> ModelStatus:
+        spec = self.state.models.get(model_id)
+        if spec is None:
+            raise NotFound(f"model '{model_id}' is not registered")
+        return self.status_of(spec)
+
+    def list(
+        self, page_size: int, page_token: str, tenant: str, labels: Mapping[str, str]
+    ) -> tuple[list[ModelStatus], str]:
+        """A page of models ordered by id, after `page_token`; returns it with the next token."""
+        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        page: list[ModelSpec] = []
+        more = False
+        for model_id in sorted(self.state.models):
+            if page_token and model_id <= page_token:
+                continue
+            spec = self.state.models[model_id]
+            if tenant and spec.tenant != tenant:
+                continue
+            if any(spec.labels.get(k) != v for k, v in labels.items()):
+                continue
+            if len(page) == size:
+                more = True
+                break
+            page.append(spec)
+        token = page[-1].model_id if more else ""
+        return [self.status_of(spec) for spec in page], token
+
+    def status_of(self, spec: ModelSpec) -> ModelStatus:
+        copies = tuple(self.state.copies.get(spec.model_id, {}).values())
+        stats = self.state.stats.get(spec.model_id)
+        if self.state.ready_copies(spec.model_id):
+            state = ModelState.LOADED
+        elif any(c.state is CopyState.LOADING for c in copies):
+            state = ModelState.LOADING
+        elif any(c.state is CopyState.FAILED for c in copies) or (stats and stats.last_error):
+            state = ModelState.FAILED
+        else:
+            state = ModelState.NOT_LOADED
+        return ModelStatus(spec=spec, state=state, copies=copies, stats=stats)
+
+    async def _catch_up(self, done: Callable[[], bool]) -> None:
+        try:
+            await self.state.wait_for(done, CATCH_UP_S)
+        except TimeoutError:
+            pass  # the write is done; this router's view will show it shortly

@@ -1,0 +1,95 @@
+"""`inference.GRPCInferenceService` as one generic handler: every method takes and returns bytes.
+
+ModelInfer / ModelStreamInfer are forwarded untouched (forward.py). The control methods are
+answered from the route table and the registry, encoded by router/v2.py; ModelMetadata comes
+from the registry and the last measured ModelStats, so it never triggers a load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+
+import grpc
+
+from mesh import errors
+from mesh.state import MeshState
+from router import v2
+from router.forward import Forwarder
+from router.table import RouteTable
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "meshserve"
+PLATFORM = "onnxruntime_onnx"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("meshserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+class InferenceServicer:
+    def __init__(self, state: MeshState, table: RouteTable, forwarder: Forwarder) -> None:
+        self.state = state
+        self.table = table
+        self.forwarder = forwarder
+        self._server_metadata = v2.server_metadata_response(SERVER_NAME, _version(), ())
+
+    async def server_live(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return v2.live_response(True)
+
+    async def server_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return v2.live_response(self.table.synced)
+
+    async def server_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._server_metadata
+
+    def _known(self, request: bytes) -> str:
+        name = v2.name_of(request)
+        if name not in self.state.models:
+            raise errors.model_not_found(name)
+        return name
+
+    async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return v2.live_response(bool(self.table.ready(self._known(request))))
+
+    async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """From the registry and the last load's tensor metadata; a model never loaded is loaded
+        first (as Triton and ModelMesh do), since only onnxruntime knows its tensors."""
+        name = self._known(request)
+        stats = self.state.stats.get(name)
+        if stats is None or not stats.inputs:
+            deadline = asyncio.get_running_loop().time() + self.forwarder.budget(context)
+            await self.forwarder.miss.ensure(name, deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.state.wait_for(lambda: (s := self.state.stats.get(name)) and s.inputs, None)
+            except TimeoutError:
+                raise errors.DeadlineExceeded(f"metadata of model '{name}' not known before the deadline") from None
+            stats = self.state.stats.get(name)
+        return v2.model_metadata_response(
+            name,
+            ["1"],
+            PLATFORM,
+            stats.inputs if stats else (),
+            stats.outputs if stats else (),
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        unary = grpc.unary_unary_rpc_method_handler
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "ServerLive": unary(self.server_live),
+                "ServerReady": unary(self.server_ready),
+                "ServerMetadata": unary(self.server_metadata),
+                "ModelReady": unary(self.model_ready),
+                "ModelMetadata": unary(self.model_metadata),
+                "ModelInfer": unary(self.forwarder.model_infer),
+                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                    self.forwarder.model_stream_infer
+                ),
+            },
+        )

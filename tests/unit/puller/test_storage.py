@@ -1,0 +1,97 @@
+"""puller.storage: file:// rules and http(s) against a local http.server on a free port."""
+
+from __future__ import annotations
+
+import http.server
+import pathlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from mesh.errors import InvalidArgument, LoadFailed
+from mesh.settings import RuntimeSettings
+from puller.storage import client_for, providers
+from puller.storage.file import FileClient
+from puller.storage.http import HttpClient
+
+BODY = b"onnx-bytes" * 1000
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/model.onnx":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/model.onnx")
+            self.end_headers()
+        elif self.path == "/to-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def base_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+async def test_http_pull_and_redirect(base_url: str, tmp_path: pathlib.Path) -> None:
+    client = HttpClient(10, 10**6)
+    for path in ("/model.onnx", "/redirect"):
+        target = tmp_path / "out"
+        await client.pull(base_url + path, str(target))
+        assert target.read_bytes() == BODY
+
+
+async def test_http_errors(base_url: str, tmp_path: pathlib.Path) -> None:
+    target = str(tmp_path / "out")
+    with pytest.raises(LoadFailed, match="HTTP 404"):
+        await HttpClient(10, 10**6).pull(base_url + "/missing", target)
+    with pytest.raises(LoadFailed, match="non-http"):
+        await HttpClient(10, 10**6).pull(base_url + "/to-file", target)
+    with pytest.raises(LoadFailed, match="over the limit"):
+        await HttpClient(10, 100).pull(base_url + "/model.onnx", target)
+
+
+async def test_file_rules(tmp_path: pathlib.Path) -> None:
+    client = FileClient(10**6)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"abc")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(src)
+    await client.pull(link.as_uri(), str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == b"abc"
+    with pytest.raises(LoadFailed, match="not a regular file"):
+        await client.pull(tmp_path.as_uri(), str(tmp_path / "out2"))
+    with pytest.raises(LoadFailed, match="cannot read"):
+        await client.pull((tmp_path / "missing").as_uri(), str(tmp_path / "out2"))
+    with pytest.raises(InvalidArgument, match="absolute path"):
+        await client.pull("file:relative/x.onnx", str(tmp_path / "out2"))
+    with pytest.raises(LoadFailed, match="over the limit"):
+        await FileClient(2).pull(src.as_uri(), str(tmp_path / "out2"))
+
+
+def test_scheme_table() -> None:
+    table = providers(RuntimeSettings())
+    assert sorted(table) == ["file", "http", "https"]
+    with pytest.raises(InvalidArgument, match="unsupported storage URI scheme 's3'"):
+        client_for(table, "s3://bucket/model.onnx")
