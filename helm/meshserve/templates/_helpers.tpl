@@ -1,0 +1,180 @@
+{{/* Names, labels and the pieces every meshserve pod shares. */}}
+
+{{- define "meshserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "meshserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "meshserve.component" (dict "root" $ "component" "router") -> <fullname>-router */}}
+{{- define "meshserve.componentName" -}}
+{{- printf "%s-%s" (include "meshserve.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "meshserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshserve.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "meshserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "meshserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: meshserve
+{{- end }}
+
+{{- define "meshserve.image" -}}
+{{- $repo := .root.Values.image.repository }}
+{{- $tag := default .root.Chart.AppVersion .root.Values.image.tag }}
+{{- with .override }}
+{{- $repo = default $repo .repository }}
+{{- $tag = default $tag .tag }}
+{{- end }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{- define "meshserve.serviceAccountName" -}}
+{{- if .root.Values.serviceAccount.create }}
+{{- include "meshserve.componentName" . }}
+{{- else }}
+{{- "default" }}
+{{- end }}
+{{- end }}
+
+{{/* etcd client endpoints (MESH_ETCD_ENDPOINTS): the bundled members or the external list. */}}
+{{- define "meshserve.etcdEndpoints" -}}
+{{- if .Values.etcd.bundled }}
+{{- $name := include "meshserve.componentName" (dict "root" . "component" "etcd") }}
+{{- $eps := list }}
+{{- range $i := until (int .Values.etcd.replicas) }}
+{{- $eps = append $eps (printf "%s-%d.%s-headless.%s.svc:%d" $name $i $name $.Release.Namespace (int $.Values.etcd.clientPort)) }}
+{{- end }}
+{{- join "," $eps }}
+{{- else }}
+{{- required "etcd.external.endpoints is required when etcd.bundled is false" (join "," .Values.etcd.external.endpoints) }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by every meshserve process (CommonSettings). */}}
+{{- define "meshserve.commonEnv" -}}
+- name: MESH_ETCD_ENDPOINTS
+  value: {{ include "meshserve.etcdEndpoints" . | quote }}
+- name: MESH_ROOT
+  value: {{ .Values.mesh.root | quote }}
+- name: MESH_LOG_LEVEL
+  value: {{ .Values.mesh.logLevel | quote }}
+- name: MESH_LEASE_TTL_S
+  value: {{ .Values.mesh.leaseTtlSeconds | toString | quote }}
+{{- end }}
+
+{{/* Downward-API variables the pod's own address and name come from. */}}
+{{- define "meshserve.podEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
+
+{{/* The user's free-form per-process settings (names checked by values.schema.json). */}}
+{{- define "meshserve.settingsEnv" -}}
+{{- range $name, $value := . }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "meshserve.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext }}
+{{- end }}
+
+{{/* Volumes every meshserve pod mounts: a writable /tmp and, when set, the etcd TLS files. */}}
+{{- define "meshserve.commonVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- if and (not .Values.etcd.bundled) .Values.etcd.external.tlsSecret }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcd.external.tlsSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.commonVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if and (not .Values.etcd.bundled) .Values.etcd.external.tlsSecret }}
+- name: etcd-tls
+  mountPath: /etc/meshserve/etcd-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The gRPC port probes. The processes do not serve grpc.health.v1 yet, so these are TCP
+     checks on the gRPC port; switch to `grpc:` probes when the health service lands. */}}
+{{- define "meshserve.probes" -}}
+startupProbe:
+  tcpSocket:
+    port: grpc
+  periodSeconds: 2
+  failureThreshold: 60
+readinessProbe:
+  tcpSocket:
+    port: grpc
+  periodSeconds: 5
+  failureThreshold: 2
+livenessProbe:
+  tcpSocket:
+    port: grpc
+  periodSeconds: 10
+  failureThreshold: 3
+{{- end }}
+
+{{/* Scheduling fields of one component's values. */}}
+{{- define "meshserve.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.metricsPort" -}}
+{{- if .Values.metrics.port }}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end }}
+{{- end }}
