@@ -25,6 +25,9 @@ class CommonSettings(BaseSettings):
     """Python logging level."""
     lease_ttl_s: int = Field(default=10, ge=2, le=300)
     """TTL of instance and leader leases; a dead process disappears after at most this long."""
+    redis_url: str = ""
+    """Usage telemetry store, e.g. redis://127.0.0.1:6379/0; empty turns telemetry off
+    (placement then uses pod-reported recency)."""
 
     def endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd_endpoints.split(",") if e.strip()]

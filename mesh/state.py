@@ -13,7 +13,16 @@ from mesh import types
 from mesh.kv import keys as k
 from mesh.kv.etcd import Event
 from mesh.kv.view import View
-from mesh.types import Assignment, CopyRecord, CopyState, InstanceRecord, LeaderRecord, ModelSpec, ModelStats
+from mesh.types import (
+    Assignment,
+    CopyRecord,
+    CopyState,
+    Decision,
+    InstanceRecord,
+    LeaderRecord,
+    ModelSpec,
+    ModelStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,7 @@ class MeshState:
         self.assignments: dict[str, dict[str, Assignment]] = {}  # instance -> model -> ...
         self.copies: dict[str, dict[str, CopyRecord]] = {}  # model -> instance -> ...
         self.stats: dict[str, ModelStats] = {}
+        self.decisions: dict[str, Decision] = {}
         self.leader: LeaderRecord | None = None
         self._hooks: list[Callable[[str, tuple[str, ...]], None]] = []
         view.subscribe(self._on_events)
@@ -79,6 +89,8 @@ class MeshState:
                 del self.copies[ids[0]]
         elif section == k.STATS and len(ids) == 1:
             _set(self.stats, ids[0], value, ModelStats)
+        elif section == k.DECISIONS and len(ids) == 1:
+            _set(self.decisions, ids[0], value, Decision)
         elif section == k.LEADER:
             self.leader = None if value is None else types.decode(LeaderRecord, value)
 

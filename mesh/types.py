@@ -32,6 +32,10 @@ class ModelSpec:
     sha256: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     registered_unix_ms: int = 0
+    min_copies: int = 0  # copies placement keeps even when idle (0: load on demand)
+    max_copies: int = 0  # 0: placement's default maximum
+    max_batch_size: int = 0  # dynamic batching off when 0 or 1
+    max_queue_delay_us: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Assignment:
     sha256: str = ""
     predicted_bytes: int = 0
     assigned_unix_ms: int = 0
+    max_batch_size: int = 0  # from the ModelSpec: the pod batches when > 1
+    max_queue_delay_us: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +95,20 @@ class ModelStats:
     # answer ModelMetadata for a model that is not loaded.
     inputs: tuple[Mapping[str, object], ...] = ()
     outputs: tuple[Mapping[str, object], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Placement's last decision about a model and its reason (key: decisions/<model_id>).
+
+    action: placed | evicted | copy_added | copy_dropped | replaced | rejected
+    """
+
+    model_id: str
+    action: str
+    instance_id: str = ""
+    reason: str = ""
+    unix_ms: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -65,7 +65,11 @@ class Forwarder:
         settings: RouterSettings,
         metrics: Metrics,
         rng: random.Random | None = None,
+        on_request: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_request(model_id)` is told of every request for a registered model (usage
+        telemetry); it must be O(1) and never block or raise."""
+        self.on_request = on_request
         self.state = state
         self.table = table
         self.miss = miss
@@ -92,6 +96,8 @@ class Forwarder:
             await self._await_sync(deadline)
         if model_id not in self.state.models:
             raise errors.model_not_found(model_id)
+        if self.on_request is not None:
+            self.on_request(model_id)
         forward_md = forwarded_metadata(metadata)
         m = self.metrics
         if self.table.ready(model_id):

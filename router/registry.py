@@ -23,12 +23,15 @@ from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
-from mesh.types import CopyRecord, CopyState, ModelSpec, ModelStats
+from mesh.types import CopyRecord, CopyState, Decision, ModelSpec, ModelStats
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+MAX_COPIES = 64
+MAX_BATCH = 4096
+MAX_QUEUE_DELAY_US = 1_000_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_URI = 4096
 MAX_LABELS = 64
@@ -51,6 +54,7 @@ class ModelStatus:
     state: ModelState
     copies: tuple[CopyRecord, ...] = ()
     stats: ModelStats | None = None
+    decision: Decision | None = None
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -140,7 +144,20 @@ def validate(spec: ModelSpec, settings: RouterSettings) -> ModelSpec:
     if spec.sha256 and not _SHA256.fullmatch(spec.sha256):
         raise InvalidArgument("invalid sha256: give the artifact's digest as 64 hex characters, or leave it empty")
     labels = check_labels(spec.labels)
+    check_serving_options(spec)
     return dataclasses.replace(spec, format="onnx", sha256=spec.sha256.lower(), labels=labels)
+
+
+def check_serving_options(spec: ModelSpec) -> None:
+    if spec.max_copies and spec.min_copies > spec.max_copies:
+        raise InvalidArgument(
+            f"min_copies ({spec.min_copies}) is larger than max_copies ({spec.max_copies})")
+    if spec.min_copies > MAX_COPIES or spec.max_copies > MAX_COPIES:
+        raise InvalidArgument(f"copy bounds are limited to {MAX_COPIES}")
+    if spec.max_batch_size > MAX_BATCH:
+        raise InvalidArgument(f"max_batch_size is limited to {MAX_BATCH}")
+    if spec.max_queue_delay_us > MAX_QUEUE_DELAY_US:
+        raise InvalidArgument(f"max_queue_delay_us is limited to {MAX_QUEUE_DELAY_US} (1 s)")
 
 
 # -- the registry -------------------------------------------------------------------------------
@@ -213,7 +230,8 @@ class Registry:
             state = ModelState.FAILED
         else:
             state = ModelState.NOT_LOADED
-        return ModelStatus(spec=spec, state=state, copies=copies, stats=stats)
+        return ModelStatus(spec=spec, state=state, copies=copies, stats=stats,
+                           decision=self.state.decisions.get(spec.model_id))
 
     async def _catch_up(self, done: Callable[[], bool]) -> None:
         try:

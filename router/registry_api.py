@@ -29,6 +29,10 @@ def spec_from_pb(spec: types_pb2.ModelSpec) -> ModelSpec:
         format=spec.format,
         sha256=spec.sha256,
         labels=dict(spec.labels),
+        min_copies=spec.min_copies,
+        max_copies=spec.max_copies,
+        max_batch_size=spec.max_batch_size,
+        max_queue_delay_us=spec.max_queue_delay_us,
     )
 
 
@@ -42,6 +46,10 @@ def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
             format=spec.format,
             sha256=spec.sha256,
             labels=dict(spec.labels),
+            min_copies=spec.min_copies,
+            max_copies=spec.max_copies,
+            max_batch_size=spec.max_batch_size,
+            max_queue_delay_us=spec.max_queue_delay_us,
         ),
         state=_MODEL_STATE[status.state],
         copies=[
@@ -60,6 +68,11 @@ def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
         out.load_ms = max(stats.load_ms, 0)
         out.last_error = stats.last_error
         out.last_error_unix_ms = stats.last_error_unix_ms
+    if status.decision is not None:
+        d = status.decision
+        where = f" on {d.instance_id}" if d.instance_id else ""
+        out.last_decision = f"{d.action}{where}: {d.reason}"
+        out.last_decision_unix_ms = d.unix_ms
     return out
 
 

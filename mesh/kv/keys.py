@@ -5,6 +5,7 @@
     <root>/assignments/<instance_id>/<model>   Assignment       placement leader, fenced
     <root>/copies/<model_id>/<instance_id>     CopyRecord       runtime pod, leased
     <root>/stats/<model_id>                    ModelStats       runtime pod
+    <root>/decisions/<model_id>                Decision         placement leader, fenced
     <root>/leader/placement                    LeaderRecord     placement, leased
 
 Model and instance ids never contain '/', so a key splits unambiguously.
@@ -20,6 +21,7 @@ ASSIGNMENTS = "assignments"
 COPIES = "copies"
 STATS = "stats"
 LEADER = "leader"
+DECISIONS = "decisions"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Keys:
 
     def stats(self, model_id: str) -> str:
         return f"{self.root}/{STATS}/{model_id}"
+
+    def decision(self, model_id: str) -> str:
+        return f"{self.root}/{DECISIONS}/{model_id}"
 
     def leader(self) -> str:
         return f"{self.root}/{LEADER}/placement"

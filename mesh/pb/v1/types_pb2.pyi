@@ -33,7 +33,7 @@ MODEL_LOADED: ModelState
 MODEL_FAILED: ModelState
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "tenant", "storage_uri", "format", "sha256", "labels")
+    __slots__ = ("model_id", "tenant", "storage_uri", "format", "sha256", "labels", "min_copies", "max_copies", "max_batch_size", "max_queue_delay_us")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,13 +47,21 @@ class ModelSpec(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    MIN_COPIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_COPIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tenant: str
     storage_uri: str
     format: str
     sha256: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., storage_uri: _Optional[str] = ..., format: _Optional[str] = ..., sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    min_copies: int
+    max_copies: int
+    max_batch_size: int
+    max_queue_delay_us: int
+    def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., storage_uri: _Optional[str] = ..., format: _Optional[str] = ..., sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., min_copies: _Optional[int] = ..., max_copies: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
     __slots__ = ("instance_id", "address", "state", "size_bytes", "error")
@@ -70,7 +78,7 @@ class CopyStatus(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("spec", "state", "copies", "size_bytes", "last_error", "last_error_unix_ms", "load_ms")
+    __slots__ = ("spec", "state", "copies", "size_bytes", "last_error", "last_error_unix_ms", "load_ms", "last_decision", "last_decision_unix_ms")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +86,8 @@ class ModelStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     state: ModelState
     copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
@@ -85,4 +95,6 @@ class ModelStatus(_message.Message):
     last_error: str
     last_error_unix_ms: int
     load_ms: int
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_unix_ms: _Optional[int] = ..., load_ms: _Optional[int] = ...) -> None: ...
+    last_decision: str
+    last_decision_unix_ms: int
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_unix_ms: _Optional[int] = ..., load_ms: _Optional[int] = ..., last_decision: _Optional[str] = ..., last_decision_unix_ms: _Optional[int] = ...) -> None: ...
