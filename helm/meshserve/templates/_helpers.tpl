@@ -78,6 +78,17 @@ app.kubernetes.io/part-of: meshserve
   value: {{ .Values.mesh.logLevel | quote }}
 - name: MESH_LEASE_TTL_S
   value: {{ .Values.mesh.leaseTtlSeconds | toString | quote }}
+- name: MESH_REDIS_URL
+  value: {{ include "meshserve.redisUrl" . | quote }}
+{{- end }}
+
+{{/* Usage telemetry store: the bundled Redis Service, the external address, or none. */}}
+{{- define "meshserve.redisUrl" -}}
+{{- if .Values.redis.bundled -}}
+redis://{{ include "meshserve.componentName" (dict "root" . "component" "redis") }}:{{ .Values.redis.port }}/0
+{{- else if .Values.redis.external.address -}}
+redis://{{ .Values.redis.external.address }}/0
+{{- end -}}
 {{- end }}
 
 {{/* Downward-API variables the pod's own address and name come from. */}}
