@@ -7,6 +7,7 @@ task finishes, so a later call starts afresh (e.g. a reload after an eviction).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -30,7 +31,7 @@ class SingleFlight(Generic[K, V]):
             self.started += 1
             task = asyncio.ensure_future(fn())
             self._running[key] = task
-            task.add_done_callback(lambda t, key=key: self._done(key, t))
+            task.add_done_callback(functools.partial(self._done, key))
         return await asyncio.shield(task)
 
     def _done(self, key: K, task: asyncio.Task[V]) -> None:

@@ -41,7 +41,9 @@ def register(channel: grpc.Channel, args: argparse.Namespace) -> int:
         uri = pathlib.Path(uri).resolve().as_uri()
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     spec = types_pb2.ModelSpec(model_id=args.model_id, storage_uri=uri, sha256=args.sha256,
-                               tenant=args.tenant, labels=labels)
+                               tenant=args.tenant, labels=labels,
+                               max_batch_size=getattr(args, "max_batch_size", 0),
+                               max_queue_delay_us=getattr(args, "max_queue_delay_us", 0))
     _registry(channel).RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=args.timeout)
     print(f"registered {args.model_id} -> {uri}")
     return 0
@@ -104,7 +106,7 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
             print(f"error: input {name} is {datatype}; pass it with --input", file=sys.stderr)
             return 2
         if name in given:
-            array = np.asarray(given[name], dtype=DTYPES[datatype])
+            array: np.ndarray = np.asarray(given[name], dtype=DTYPES[datatype])
         else:
             dims = [args.batch if i == 0 and d < 0 else (d if d >= 0 else 1) for i, d in enumerate(shape)]
             array = (rng.random(dims) * 10).astype(DTYPES[datatype])
@@ -126,7 +128,7 @@ def _size(n: int) -> str:
     return format_bytes(n) if n else "-"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]] | list) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for row in (header, *rows):
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())

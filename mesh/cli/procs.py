@@ -43,7 +43,7 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args[0]!s} exited with {proc.returncode} before listening")
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening")
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
             s.settimeout(0.2)
             if s.connect_ex((host, port)) == 0:
