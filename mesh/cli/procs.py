@@ -52,9 +52,16 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-def start_etcd(data_dir: pathlib.Path, client_port: int, peer_port: int, log_path: pathlib.Path) -> subprocess.Popen:
+def start_etcd(
+    data_dir: pathlib.Path,
+    client_port: int,
+    peer_port: int,
+    log_path: pathlib.Path,
+    tls: Mapping[str, pathlib.Path] | None = None,
+) -> subprocess.Popen:
+    """etcd on loopback; `tls` = {"ca", "cert", "key"} files serves clients over mutual TLS."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    client = f"http://127.0.0.1:{client_port}"
+    client = f"{'https' if tls else 'http'}://127.0.0.1:{client_port}"
     peer = f"http://127.0.0.1:{peer_port}"
     args = [
         etcd_binary(),
@@ -69,6 +76,9 @@ def start_etcd(data_dir: pathlib.Path, client_port: int, peer_port: int, log_pat
         "--auto-compaction-retention", "10000",
         "--log-level", "warn",
     ]
+    if tls:
+        args += ["--cert-file", str(tls["cert"]), "--key-file", str(tls["key"]),
+                 "--trusted-ca-file", str(tls["ca"]), "--client-cert-auth"]
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

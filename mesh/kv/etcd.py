@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import pathlib
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -18,6 +19,7 @@ from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 from mesh.errors import Conflict, Unavailable
 from mesh.kv.keys import prefix_end
+from mesh.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +105,47 @@ def _unavailable(exc: grpc.aio.AioRpcError) -> Unavailable:
     return Unavailable(f"etcd unavailable: {exc.code().name}: {exc.details()}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """PEM bytes for a TLS connection to etcd; cert and key only for mutual TLS."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_files(cls, ca_file: str, cert_file: str = "", key_file: str = "") -> Tls:
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("etcd client TLS needs both MESH_ETCD_CERT_FILE and MESH_ETCD_KEY_FILE")
+        read = lambda path: pathlib.Path(path).read_bytes() if path else None  # noqa: E731
+        return cls(ca=read(ca_file) or b"", cert=read(cert_file), key=read(key_file))
+
+
 class EtcdClient:
     """One channel to etcd; endpoints tried in order by gRPC's pick_first."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT, tls: Tls | None = None) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed (MESH_ETCD_ENDPOINTS)")
         self.endpoints = list(endpoints)
         target = self.endpoints[0] if len(self.endpoints) == 1 else "ipv4:" + ",".join(self.endpoints)
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            self._channel = grpc.aio.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
         self._watch = rpc_pb2_grpc.WatchStub(self._channel)
         self._lease = rpc_pb2_grpc.LeaseStub(self._channel)
         self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, common: CommonSettings) -> EtcdClient:
+        """The client a process uses: endpoints and (when a CA is configured) TLS from settings."""
+        tls = None
+        if common.etcd_ca_file:
+            tls = Tls.from_files(common.etcd_ca_file, common.etcd_cert_file, common.etcd_key_file)
+        return cls(common.endpoints(), tls=tls)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -80,6 +80,15 @@ app.kubernetes.io/part-of: meshserve
   value: {{ .Values.mesh.leaseTtlSeconds | toString | quote }}
 - name: MESH_REDIS_URL
   value: {{ include "meshserve.redisUrl" . | quote }}
+{{- if and (not .Values.etcd.bundled) .Values.etcd.external.tlsSecret }}
+{{- /* The Secret holds ca.crt, tls.crt and tls.key (kubernetes.io/tls plus the CA). */}}
+- name: MESH_ETCD_CA_FILE
+  value: /etc/meshserve/etcd-tls/ca.crt
+- name: MESH_ETCD_CERT_FILE
+  value: /etc/meshserve/etcd-tls/tls.crt
+- name: MESH_ETCD_KEY_FILE
+  value: /etc/meshserve/etcd-tls/tls.key
+{{- end }}
 {{- end }}
 
 {{/* Usage telemetry store: the bundled Redis Service, the external address, or none. */}}

@@ -76,6 +76,11 @@ def test_schema_rejects_a_setting_that_does_not_exist(tmp_path, default):
     assert chart.errors(chart.lint(chart.copy_chart(tmp_path, values)))
 
 
+# Set by the chart for every process; the etcd TLS files only when etcd.external.tlsSecret is.
+CONNECTION = {"MESH_ETCD_ENDPOINTS", "MESH_ROOT", "MESH_LOG_LEVEL", "MESH_LEASE_TTL_S", "MESH_REDIS_URL"}
+ETCD_TLS = {"MESH_ETCD_CA_FILE", "MESH_ETCD_CERT_FILE", "MESH_ETCD_KEY_FILE"}
+
+
 def test_every_mesh_variable_is_a_real_setting_of_its_process(rendered):
     specs = pod_specs(rendered)
     assert set(PROCESSES) <= set(specs)
@@ -85,7 +90,9 @@ def test_every_mesh_variable_is_a_real_setting_of_its_process(rendered):
             mesh_vars = {name for name in env_of(container) if name.startswith("MESH_")}
             assert mesh_vars <= allowed, f"{component}: not settings of this process: {mesh_vars - allowed}"
             if component in PROCESSES:
-                assert env_names(CommonSettings) <= mesh_vars, f"{component} lacks a common setting"
+                assert CONNECTION <= mesh_vars, f"{component} lacks a connection setting"
+                tls = bool(rendered.values["etcd"]["external"].get("tlsSecret")) and not rendered.values["etcd"]["bundled"]
+                assert (ETCD_TLS <= mesh_vars) == tls, f"{component}: etcd TLS files set iff a TLS Secret is given"
 
 
 def test_every_setting_is_reachable_from_values(default):
@@ -95,7 +102,7 @@ def test_every_setting_is_reachable_from_values(default):
     for component, cls in PROCESSES.items():
         by_chart = {n for n in env_of(specs[component]["containers"][0]) if n.startswith("MESH_")}
         accepted = set(schema["properties"][component]["properties"]["settings"]["propertyNames"]["enum"])
-        assert accepted | by_chart == env_names(cls) | env_names(CommonSettings), component
+        assert accepted | by_chart | ETCD_TLS == env_names(cls) | env_names(CommonSettings), component
         assert not accepted & by_chart, f"{component}: the schema accepts variables the chart owns"
 
 
