@@ -84,8 +84,29 @@ class Metrics:
         self.artifact_evictions = Counter(
             "mesh_artifact_evictions_total", "Artifacts removed from the disk cache.", registry=r,
         )
+        self.decisions = Counter(
+            "mesh_placement_decisions_total", "Placement decisions written to etcd, by action "
+            "(placed, evicted, copy_added, copy_dropped, replaced).", ["action"], registry=r,
+        )
         self.is_leader = Gauge(
             "mesh_placement_leader", "1 while this placement replica is the leader.", registry=r,
+        )
+        self.batch_size = Histogram(
+            "mesh_batch_size", "Requests run together in one onnxruntime call by dynamic batching "
+            "(1: a batching model's request ran alone).", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.telemetry_samples = Counter(
+            "mesh_telemetry_samples_total", "Request samples of usage telemetry flushed to Redis, "
+            "by result (written / dropped: Redis unreachable or failing).", ["result"], registry=r,
+        )
+        self.telemetry_reads = Counter(
+            "mesh_telemetry_reads_total", "Usage telemetry reads by placement, by result (ok / "
+            "unavailable: fell back to pod-reported recency).", ["result"], registry=r,
+        )
+        self.load_waits = Counter(
+            "mesh_load_waits_total", "Loads that waited for unloads to free memory first "
+            "(the unload buffer).", registry=r,
         )
         self.routes = Gauge(
             "mesh_router_ready_models", "Models with at least one ready copy in the route table.",

@@ -25,9 +25,22 @@ class CommonSettings(BaseSettings):
     """Python logging level."""
     lease_ttl_s: int = Field(default=10, ge=2, le=300)
     """TTL of instance and leader leases; a dead process disappears after at most this long."""
+    etcd_ca_file: str = ""
+    """PEM CA bundle to verify etcd's certificate; setting it switches the etcd connection to TLS."""
+    etcd_cert_file: str = ""
+    """PEM client certificate for etcd (mutual TLS); needs etcd_key_file too."""
+    etcd_key_file: str = ""
+    """PEM private key of etcd_cert_file."""
     redis_url: str = ""
     """Usage telemetry store, e.g. redis://127.0.0.1:6379/0; empty turns telemetry off
     (placement then uses pod-reported recency)."""
+    redis_timeout_s: float = Field(default=0.5, gt=0, le=10)
+    """Socket timeout of every Redis call; a telemetry write or read slower than this is
+    dropped (writes are counted), never waited for."""
+    telemetry_bucket_s: int = Field(default=10, ge=1, le=3600)
+    """Width of the request-count time buckets in Redis (routers and placement must agree)."""
+    telemetry_retention_s: int = Field(default=600, ge=10)
+    """How long request-count buckets live in Redis (EXPIRE)."""
 
     def endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd_endpoints.split(",") if e.strip()]
@@ -50,10 +63,14 @@ class RouterSettings(BaseSettings):
     """Deadline applied when the caller set none (includes a cold load)."""
     forward_attempts: int = Field(default=3, ge=1, le=10)
     """Copies tried for one request when a copy answers UNAVAILABLE."""
+    stream_window: int = Field(default=64, ge=1, le=4096)
+    """ModelStreamInfer messages of one stream forwarded concurrently (answers stay in order)."""
     allowed_schemes: str = "file,http,https"
     """Comma-separated storage-URI schemes accepted at registration."""
     file_roots: str = ""
     """Comma-separated folders file:// URIs must lie under; empty accepts any absolute path."""
+    telemetry_flush_s: float = Field(default=1.0, gt=0, le=60)
+    """How often this router flushes its batched usage counts to Redis (MESH_REDIS_URL)."""
 
     def schemes(self) -> set[str]:
         return {s.strip().lower() for s in self.allowed_schemes.split(",") if s.strip()}
@@ -79,6 +96,27 @@ class PlacementSettings(BaseSettings):
     """Predicted footprint of a model never loaded before (0: learn it from the first load)."""
     instance_id: str = ""
     """This replica's id in the leader election; defaults to host-pid."""
+    probation_hits: int = Field(default=1, ge=0)
+    """A model used at most this many times is on probation: when it misses, it displaces
+    other one-off models before any established one (0 turns probation off)."""
+    min_residency_s: float = Field(default=30.0, ge=0)
+    """Churn guard: a copy loaded less than this long ago is evicted only if nothing else
+    makes room, and extra copies are not dropped before it."""
+    in_use_s: float = Field(default=60.0, ge=0)
+    """A model used this recently counts as in use: probationary models displace it last."""
+    copy_rate_per_s: float = Field(default=0.0, ge=0)
+    """Requests per second per copy above which a model gets another copy (0: one copy per
+    model, apart from pinned min_copies). Copies are dropped below half this rate."""
+    max_copies: int = Field(default=3, ge=1)
+    """Most copies of one model (a registration's max_copies, when set, overrides it)."""
+    replace_window_s: float = Field(default=300.0, ge=0)
+    """When a pod dies, its models used within this window are re-placed at once (0: off)."""
+    max_actions_per_pass: int = Field(default=8, ge=1)
+    """Most proactive loads or drops (copies, min_copies, re-placements) per reconcile pass:
+    no reload storm."""
+    activity_window_s: float = Field(default=60.0, gt=0)
+    """Window of router request counts (from Redis telemetry) placement reads as a model's
+    recent rate."""
 
 
 class RuntimeSettings(BaseSettings):

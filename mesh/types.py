@@ -49,6 +49,8 @@ class InstanceRecord:
     models: tuple[str, ...] = ()
     device: str = "cpu"
     started_unix_ms: int = 0
+    # GPU pods: every GPU / MIG slice, {"index", "name", "total_bytes", "capacity_bytes"}.
+    devices: tuple[Mapping[str, object], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +148,7 @@ def decode(cls: type[T], data: bytes) -> T:
             continue
         if name == "state":
             value = CopyState(value)
-        elif name in ("models", "inputs", "outputs") and isinstance(value, list):
+        elif name in ("models", "inputs", "outputs", "devices") and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
     try:

@@ -7,7 +7,13 @@ for a pod (and victims), write the assignment and the victims' deletions in ONE 
 transaction, and wait for the pod to report the copy LOADED. A FAILED load, or the pod dying
 mid-load, is retried once on another pod; then the caller gets FAILED_PRECONDITION with the
 reasons. The reconcile loop (reconcile.py) cleans up after unregistrations, dead pods and
-overcommitted pods.
+overcommitted pods, and adds or drops copies.
+
+Victims are chosen by value (placement/policy.py, GDSF) when router telemetry (an
+ActivitySource) is available: only it sees every request, hits included. Without it
+placement falls back to the pods' own recency (GetUsage), i.e. LRU with the same guards.
+Every placement and eviction is logged with its reason and written, fenced and in the same
+transaction as the assignment, as a Decision at keys.decision(model_id).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from mesh.singleflight import SingleFlight
 from mesh.state import MeshState
 from mesh.types import Assignment, CopyRecord, CopyState, ModelSpec
 from placement import planner
+from placement.activity import ActivitySource, ModelActivity, NoActivity
+from placement.policy import GdsfBook, Rules
 from placement.usage import Usage, UsageSource
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,7 @@ class Controller:
         metrics: Metrics,
         usage: UsageSource,
         clock: Clock | None = None,
+        activity: ActivitySource | None = None,
     ) -> None:
         self.state = state
         self.keys = state.keys
@@ -69,6 +78,52 @@ class Controller:
         self.usage = usage
         self.clock = clock or SystemClock()
         self.flights: SingleFlight[str, list[CopyRecord]] = SingleFlight()
+        self.activity: ActivitySource = activity or NoActivity()
+        self.book = GdsfBook(aging_period=100_000)
+        self.last_activity: dict[str, ModelActivity] | None = None  # None: telemetry unavailable
+        self._seen_use: dict[str, int] = {}  # model -> last use already fed to the book
+        self.pod_last_used: dict[str, int] = {}  # model -> last use a pod reported (GetUsage)
+
+    @property
+    def rules(self) -> Rules:
+        s = self.settings
+        return Rules(probation_hits=s.probation_hits, min_residency_ms=int(s.min_residency_s * 1000),
+                     in_use_ms=int(s.in_use_s * 1000))
+
+    async def refresh_activity(self) -> dict[str, ModelActivity] | None:
+        """Reads router telemetry and feeds new uses to the GDSF book (None: unavailable)."""
+        now = self.clock.unix_ms()
+        try:
+            snap = await self.activity.snapshot(now)
+        except Exception as exc:  # noqa: BLE001 - telemetry is optional; a failure means "unavailable"
+            log.info("activity telemetry unavailable (%s); using pod-reported recency", exc)
+            snap = None
+        self.last_activity = snap
+        for model_id, act in sorted((snap or {}).items()):
+            if act.last_used_ms > self._seen_use.get(model_id, 0) and model_id in self.state.models:
+                self._seen_use[model_id] = act.last_used_ms
+                stats = self.state.stats.get(model_id)
+                size = (stats.size_bytes if stats else 0) or self.settings.default_model_bytes
+                self.book.set(model_id, size, stats.load_ms if stats else 0, max(act.requests, 1))
+        for model_id in [m for m in self._seen_use if m not in self.state.models]:
+            self._seen_use.pop(model_id)
+            self.book.forget(model_id)
+        return snap
+
+    def decision_op(self, model_id: str, action: str, instance_id: str, reason: str) -> rpc_pb2.RequestOp:
+        """The fenced write of a Decision (also logged and counted)."""
+        log.info("decision: model %s %s on %s: %s", model_id, action, instance_id or "-", reason)
+        self.metrics.decisions.labels(action).inc()
+        record = types.Decision(model_id, action, instance_id, reason, self.clock.unix_ms())
+        return put_op(self.keys.decision(model_id), types.encode(record))
+
+    def assignment_for(self, spec: ModelSpec, instance_id: str, predicted: int) -> Assignment:
+        """The assignment record placing `spec` on `instance_id`."""
+        now = self.clock.unix_ms()
+        return Assignment(
+            spec.model_id, instance_id, spec.storage_uri, spec.sha256, predicted, now,
+            max_batch_size=spec.max_batch_size, max_queue_delay_us=spec.max_queue_delay_us,
+        )
 
     async def close(self) -> None:
         await self.flights.close()
@@ -127,21 +182,28 @@ class Controller:
         model_id = spec.model_id
         stats = self.state.stats.get(model_id)
         predicted = (stats.size_bytes if stats else 0) or self.settings.default_model_bytes
+        if self.last_activity is None:  # no telemetry: the book learns from misses alone
+            self.book.touch(model_id, predicted, stats.load_ms if stats else 0)
         plan = self._plan(model_id, predicted, self.pod_views(), excluded)
         if plan.victims:
-            # Recency only matters when choosing victims: ask the pods, then plan again.
+            # Recency and value only matter when choosing victims: refresh them, plan again.
             usage = await self.gather_usage()
+            await self.refresh_activity()
             plan = self._plan(model_id, predicted, self.pod_views(usage), excluded)
-        now = self.clock.unix_ms()
-        assignment = Assignment(model_id, plan.instance_id, spec.storage_uri, spec.sha256, predicted, now)
+        assignment = self.assignment_for(spec, plan.instance_id, predicted)
         ops = [delete_op(self.keys.assignment(plan.instance_id, v)) for v in plan.victims]
         ops.append(put_op(self.keys.assignment(plan.instance_id, model_id), types.encode(assignment)))
+        for victim, why in zip(plan.victims, plan.victim_reasons, strict=False):
+            ops.append(self.decision_op(victim, "evicted", plan.instance_id, why))
+        ops.append(self.decision_op(model_id, "placed", plan.instance_id, plan.reason))
         if not await self.leader.write(ops):
             self.metrics.placements.labels("lost_leadership").inc()
             raise Unavailable("placement lost leadership while placing the model; retry on the new leader")
         self.metrics.placements.labels("ok").inc()
         if plan.victims:
             self.metrics.evictions.labels("capacity").inc(len(plan.victims))
+            for victim in plan.victims:
+                self.book.evicted(victim)
         log.info(
             "placed model %s (%d bytes predicted) on %s, evicting %s (%d bytes): %s",
             model_id, predicted, plan.instance_id, list(plan.victims) or "nothing",
@@ -153,11 +215,18 @@ class Controller:
         self, model_id: str, predicted: int, pods: list[planner.PodView], excluded: set[str]
     ) -> planner.Plan:
         try:
-            return planner.plan(model_id, predicted, pods, excluded)
+            return planner.plan(model_id, predicted, pods, excluded, now_ms=self.clock.unix_ms(),
+                                rules=self.rules, frequency=self._frequency(model_id))
         except (NoCapacity, Unavailable) as exc:
             self.metrics.placements.labels("no_capacity").inc()
             log.warning("cannot place model %s (%d bytes): %s", model_id, predicted, exc)
             raise
+
+    def _frequency(self, model_id: str) -> float:
+        if self.last_activity is None:
+            return self.book.frequency(model_id)
+        act = self.last_activity.get(model_id)
+        return float(act.requests) if act else self.book.frequency(model_id)
 
     async def _wait_loaded(self, model_id: str, instance_id: str) -> list[CopyRecord]:
         """Waits for the copy on `instance_id` to be LOADED; raises _AttemptFailed otherwise."""
@@ -214,7 +283,16 @@ class Controller:
         ids = sorted(self.state.instances) if instance_ids is None else instance_ids
         addresses = [self.state.instances[i].address for i in ids if i in self.state.instances]
         answers = await asyncio.gather(*(self.usage.get(a) for a in addresses))
-        return {i: a for i, a in zip(ids, answers, strict=False) if a is not None}
+        out = {i: a for i, a in zip(ids, answers, strict=False) if a is not None}
+        for models in out.values():
+            for model_id, used in models.items():
+                self.pod_last_used[model_id] = max(self.pod_last_used.get(model_id, 0), used.last_used_ms)
+        return out
+
+    def last_used_ms(self, model_id: str) -> int:
+        """The last use of a model any source reported (telemetry, pods' GetUsage); 0: none."""
+        act = (self.last_activity or {}).get(model_id)
+        return max(act.last_used_ms if act else 0, self.pod_last_used.get(model_id, 0))
 
     def pod_views(self, usage: dict[str, dict[str, Usage]] | None = None) -> list[planner.PodView]:
         return [self.pod_view(i, (usage or {}).get(i)) for i in sorted(self.state.instances)]
@@ -224,7 +302,9 @@ class Controller:
 
         Bytes: the copy's measured size, else the model's last measured size, else the
         predicted bytes of the assignment, else settings.default_model_bytes. A FAILED copy
-        holds no memory. Recency: the pod's GetUsage answer, else the copy's last update.
+        holds no memory. Recency: the newer of router telemetry and the pod's GetUsage answer,
+        else the copy's last update. Value and frequency: the GDSF book. Pinned: the model has
+        no more live copies than its registered min_copies.
         """
         inst = self.state.instances[instance_id]
         models = []
@@ -241,14 +321,21 @@ class Controller:
             loaded = copy is not None and copy.state is not CopyState.LOADING
             used = (usage or {}).get(model_id)
             fallback_ms = copy.updated_unix_ms if copy else assignment.assigned_unix_ms
+            act = (self.last_activity or {}).get(model_id)
+            last_used = max(used.last_used_ms if used else fallback_ms, act.last_used_ms if act else 0)
+            spec = self.state.models.get(model_id)
+            live = sum(1 for i in self.state.assigned_instances(model_id) if i in self.state.instances)
             models.append(
                 planner.PodModel(
                     model_id,
                     0 if failed else size,
-                    last_used_ms=used.last_used_ms if used else fallback_ms,
+                    last_used_ms=last_used,
                     in_flight=used.in_flight if used else 0,
                     loaded=loaded,
                     loaded_unix_ms=copy.updated_unix_ms if copy else assignment.assigned_unix_ms,
+                    value=self.book.value(model_id) if self.last_activity is not None else 0.0,
+                    frequency=self._frequency(model_id),
+                    pinned=spec is not None and 0 < live <= spec.min_copies,
                 )
             )
         return planner.PodView(instance_id, inst.capacity_bytes, tuple(models))

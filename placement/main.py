@@ -16,14 +16,17 @@ from mesh.metrics import Metrics
 from mesh.metrics import serve as serve_metrics
 from mesh.pb.v1 import internal_pb2_grpc
 from mesh.rpc.server import install_stop_signals, make_server
-from mesh.rpc.status import StatusInterceptor
 from mesh.settings import CommonSettings, PlacementSettings
 from mesh.state import MeshState
 from mesh.tasks import Supervisor
+from mesh.telemetry import TelemetryKeys
+from mesh.telemetry import client as redis_client
+from placement.activity import ActivitySource, NoActivity
 from placement.controller import Controller
 from placement.leader import Leader
 from placement.reconcile import Reconciler
 from placement.server import PlacementServicer
+from placement.telemetry import RedisActivity
 from placement.usage import GrpcUsage
 
 log = logging.getLogger(__name__)
@@ -43,15 +46,20 @@ def _advertise(settings: PlacementSettings, port: int) -> str:
 
 async def serve(common: CommonSettings, settings: PlacementSettings, stop: asyncio.Event, metrics: Metrics) -> None:
     """Runs one placement replica until `stop` is set, then shuts down within a bounded grace."""
-    client = EtcdClient(common.endpoints())
+    client = EtcdClient.from_settings(common)
     view = View(client, Keys(common.root).prefix())
     state = MeshState(view, Keys(common.root))
     supervisor = Supervisor()
     usage = GrpcUsage()
-    server, port = make_server(settings.listen, MAX_MESSAGE_BYTES, [StatusInterceptor(metrics)])
+    server, port = make_server(settings.listen, MAX_MESSAGE_BYTES, metrics)
     holder = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     leader = Leader(client, state, holder, _advertise(settings, port), common.lease_ttl_s, metrics)
-    controller = Controller(state, leader, settings, metrics, usage)
+    activity: ActivitySource = NoActivity()
+    if common.redis_url:
+        keys = TelemetryKeys(common.root, common.telemetry_bucket_s)
+        activity = RedisActivity(redis_client(common.redis_url, common.redis_timeout_s), keys, metrics,
+                                 settings.activity_window_s)
+    controller = Controller(state, leader, settings, metrics, usage, activity=activity)
     reconciler = Reconciler(controller)
     internal_pb2_grpc.add_PlacementServicer_to_server(PlacementServicer(controller, settings), server)
     try:
@@ -75,6 +83,8 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
         await controller.close()
         await supervisor.stop()  # the leader resigns (revokes its lease) on cancel
         await usage.close()
+        if isinstance(activity, RedisActivity):
+            await activity.close()
         await client.close()
 
 

@@ -6,11 +6,19 @@ asks `plan`. Every choice is deterministic — ties are broken by id — so the 
 give the same plan, whatever order they arrive in; tests/unit/placement checks that with
 Hypothesis.
 
-The rule (issue #2 scope):
+The rule (docs/PLACEMENT.md tells it in plain words):
 1. the pod with the most free bytes (capacity − bytes of its models) that fits the model;
-2. else, on each pod, the least recently used models needed to make room — never a model with
-   requests in flight, never a copy still loading — and the pod needing the fewest evicted
-   bytes wins (tie: the pod whose victims were used longest ago, then the pod id);
+2. else, on each pod, the cheapest victims needed to make room — never a model with requests
+   in flight, never a copy still loading, never a copy that keeps its model at its pinned
+   min_copies. Victims come in tiers, and a lower tier always goes first:
+     0 models on probation (used at most `Rules.probation_hits` times: one-off requests),
+     1 established models not in use (not used within `Rules.in_use_ms`),
+     2 established models in use,
+     3 copies loaded less than `Rules.min_residency_ms` ago (the churn guard);
+   within a tier the lowest GDSF value (policy.GdsfBook) goes first, then the least recently
+   used, then the id. With no values and no rules this is plain LRU. The pod whose victims
+   reach the lowest worst tier wins, then the lowest summed value, the fewest evicted bytes,
+   the victims used longest ago, the pod id;
 3. else NoCapacity, naming the model's size and the largest pod.
 """
 
@@ -20,6 +28,7 @@ import dataclasses
 from collections.abc import Collection, Iterable
 
 from mesh.errors import NoCapacity, Unavailable
+from placement.policy import Rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +41,13 @@ class PodModel:
     in_flight: int = 0
     loaded: bool = True  # False while the copy is still loading: it cannot be evicted
     loaded_unix_ms: int = 0  # when the copy became LOADED (overcommit keeps the newest)
+    value: float = 0.0  # GDSF value H (policy.GdsfBook); 0 when unknown
+    frequency: float = 0.0  # uses counted by the book (probation when <= Rules.probation_hits)
+    pinned: bool = False  # evicting it would take the model below its min_copies
 
     @property
     def evictable(self) -> bool:
-        return self.loaded and self.in_flight <= 0
+        return self.loaded and self.in_flight <= 0 and not self.pinned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +75,42 @@ class Plan:
     victims: tuple[str, ...] = ()
     evicted_bytes: int = 0
     reason: str = ""
+    victim_reasons: tuple[str, ...] = ()  # one per victim, same order
 
 
-def _lru(models: Iterable[PodModel]) -> list[PodModel]:
-    return sorted((m for m in models if m.evictable), key=lambda m: (m.last_used_ms, m.model_id))
+NO_RULES = Rules()  # plain LRU: no probation, no churn guard
+TIER_NAMES = ("on probation", "established, idle", "established, in use", "loaded moments ago")
 
 
-def _make_room(pod: PodView, needed: int) -> list[PodModel] | None:
-    """The LRU evictable models whose removal frees `needed` bytes on `pod`; None if impossible."""
+def tier(model: PodModel, now_ms: int, rules: Rules, probation: bool = True) -> int:
+    """The victim tier of a resident model (lower goes first; see the module docstring).
+
+    `probation` False (the incoming model is itself established) merges tiers 0 and 1: only a
+    one-off newcomer is confined to displacing one-offs first.
+    """
+    if rules.min_residency_ms and now_ms - model.loaded_unix_ms < rules.min_residency_ms:
+        return 3
+    if probation and model.frequency <= rules.probation_hits:
+        return 0
+    if rules.in_use_ms and now_ms - model.last_used_ms < rules.in_use_ms:
+        return 2
+    return 1
+
+
+def victim_order(models: Iterable[PodModel], now_ms: int = 0, rules: Rules = NO_RULES,
+                 probation: bool = True) -> list[PodModel]:
+    """The evictable models, cheapest first."""
+    return sorted(
+        (m for m in models if m.evictable),
+        key=lambda m: (tier(m, now_ms, rules, probation), m.value, m.last_used_ms, m.model_id),
+    )
+
+
+def _make_room(pod: PodView, needed: int, now_ms: int, rules: Rules, probation: bool) -> list[PodModel] | None:
+    """The cheapest evictable models whose removal frees `needed` bytes; None if impossible."""
     free = pod.free_bytes
     victims: list[PodModel] = []
-    for model in _lru(pod.models):
+    for model in victim_order(pod.models, now_ms, rules, probation):
         if free >= needed:
             break
         victims.append(model)
@@ -81,17 +118,30 @@ def _make_room(pod: PodView, needed: int) -> list[PodModel] | None:
     return victims if free >= needed else None
 
 
+def _why(model: PodModel, now_ms: int, rules: Rules, probation: bool) -> str:
+    return (f"{TIER_NAMES[tier(model, now_ms, rules, probation)]}, value {model.value:.4g}, "
+            f"used {model.frequency:g} times, last used at {model.last_used_ms}")
+
+
 def plan(
     model_id: str,
     predicted_bytes: int,
     pods: Iterable[PodView],
     exclude: Collection[str] = frozenset(),
+    *,
+    now_ms: int = 0,
+    rules: Rules = NO_RULES,
+    evict: bool = True,
+    frequency: float = 0.0,
 ) -> Plan:
     """Chooses the pod for `model_id` (predicted to need `predicted_bytes`) and its victims.
 
     Pods in `exclude` (e.g. one where the load just failed) and pods already holding the model
-    are not considered. Raises Unavailable when no pod is left to consider, NoCapacity when no
-    pod can make room.
+    are not considered (so two copies never share a pod). `evict=False` only uses free room
+    (extra copies, re-placing a dead pod's models). `frequency`: the incoming model's use
+    count; at most `rules.probation_hits` puts it on probation (it displaces one-offs first).
+    Raises Unavailable when no pod is left to
+    consider, NoCapacity when no pod can make room.
     """
     candidates = sorted(
         (p for p in pods if p.instance_id not in exclude and all(m.model_id != model_id for m in p.models)),
@@ -111,14 +161,20 @@ def plan(
             f"model needs {predicted_bytes})",
         )
 
-    options: list[tuple[int, int, str, list[PodModel]]] = []
+    if not evict:
+        raise NoCapacity(f"no runtime pod has {predicted_bytes} bytes free for model '{model_id}' "
+                         "without evicting")
+
+    probation = frequency <= rules.probation_hits
+    options: list[tuple[int, float, int, int, str, list[PodModel]]] = []
     for pod in candidates:
-        victims = _make_room(pod, predicted_bytes)
+        victims = _make_room(pod, predicted_bytes, now_ms, rules, probation)
         if victims is None:
             continue
+        worst = max((tier(v, now_ms, rules, probation) for v in victims), default=0)
         evicted = sum(v.bytes for v in victims)
         newest_victim = max((v.last_used_ms for v in victims), default=0)
-        options.append((evicted, newest_victim, pod.instance_id, victims))
+        options.append((worst, sum(v.value for v in victims), evicted, newest_victim, pod.instance_id, victims))
     if not options:
         largest = max(p.capacity_bytes for p in candidates)
         raise NoCapacity(
@@ -126,18 +182,20 @@ def plan(
             f"the largest pod offers {largest} bytes, and models in use or still loading cannot "
             "be evicted; add pods or raise MESH_RUNTIME_CAPACITY"
         )
-    evicted, _, instance_id, victims = min(options, key=lambda o: (o[0], o[1], o[2]))
+    worst, _, evicted, _, instance_id, victims = min(options, key=lambda o: o[:5])
     return Plan(
         instance_id,
         victims=tuple(v.model_id for v in victims),
         evicted_bytes=evicted,
-        reason=f"no pod had {predicted_bytes} bytes free; evicting the least recently used "
-        f"models frees {evicted} bytes, the fewest of any pod",
+        reason=f"no pod had {predicted_bytes} bytes free; evicting the cheapest models "
+        f"(worst: {TIER_NAMES[worst]}) frees {evicted} bytes, the cheapest choice of any pod",
+        victim_reasons=tuple(f"evicted for model '{model_id}': {_why(v, now_ms, rules, probation)}"
+                             for v in victims),
     )
 
 
-def overcommit_victims(pod: PodView) -> tuple[str, ...]:
-    """When a pod's measured use exceeds its capacity: the LRU models to evict until it fits.
+def overcommit_victims(pod: PodView, now_ms: int = 0, rules: Rules = NO_RULES) -> tuple[str, ...]:
+    """When a pod's measured use exceeds its capacity: the cheapest models to evict until it fits.
 
     Never the most recently loaded model (it is what pushed the pod over, and evicting it would
     make the miss that loaded it pointless), never models with requests in flight or still
@@ -149,7 +207,7 @@ def overcommit_victims(pod: PodView) -> tuple[str, ...]:
     newest = max(loaded, key=lambda m: (m.loaded_unix_ms, m.model_id), default=None)
     excess = pod.used_bytes - pod.capacity_bytes
     victims: list[str] = []
-    for model in _lru(m for m in pod.models if m is not newest):
+    for model in victim_order((m for m in pod.models if m is not newest), now_ms, rules):
         if excess <= 0:
             break
         victims.append(model.model_id)

@@ -10,6 +10,8 @@ replica leads. Three cases:
   e.g. a model measured bigger than predicted): the least recently used loaded models go
   (planner.overcommit_victims), never the newest, an in-flight one or a copy still LOADING —
   deleting a loading copy would only waste the load and the miss waiting for it.
+Then the proactive pass (copies.py): a dead pod's recently used models are re-placed,
+min_copies kept, hot models copied and cooled copies dropped — bounded per pass.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mesh.kv.etcd import delete_op
 from mesh.types import CopyState
 from placement import planner
 from placement.controller import Controller
+from placement.copies import Proactive
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class Reconciler:
         self.state = controller.state
         self.interval_s = interval_s
         self.debounce_s = debounce_s
+        self.proactive = Proactive(controller)
         self._dirty = asyncio.Event()
         self.state.on_change(self._on_change)
 
@@ -77,7 +81,10 @@ class Reconciler:
     async def reconcile_once(self) -> int:
         """One pass; returns how many assignments it deleted."""
         deleted = 0
-        for instance_id, stale in sorted(self.stale_assignments().items()):
+        stale_all = self.stale_assignments()
+        dead = {i: [m for m, why in items if why == "dead_pod"] for i, items in stale_all.items()}
+        replace = self.proactive.recently_used_on_dead_pods(dead)
+        for instance_id, stale in sorted(stale_all.items()):
             if await self._delete(instance_id, stale):
                 deleted += len(stale)
         await self.controller.usage.forget({i.address for i in self.state.instances.values()})
@@ -88,9 +95,11 @@ class Reconciler:
                 if instance_id not in self.state.instances:
                     continue
                 pod = self.controller.pod_view(instance_id, usage.get(instance_id))
-                victims = planner.overcommit_victims(_loaded_only(pod))
+                victims = planner.overcommit_victims(_loaded_only(pod), self.controller.clock.unix_ms(),
+                                                     self.controller.rules)
                 if victims and await self._delete(instance_id, [(m, "overcommit") for m in victims]):
                     deleted += len(victims)
+        await self.proactive.run(replace)
         return deleted
 
     async def _delete(self, instance_id: str, items: list[tuple[str, str]]) -> bool:
@@ -102,6 +111,7 @@ class Reconciler:
         for model_id, reason in items:
             if reason == "overcommit":
                 metrics.evictions.labels("overcommit").inc()
+                self.controller.book.evicted(model_id)
             log.info("removed assignment of model %s on %s: %s", model_id, instance_id, reason)
         return True
 

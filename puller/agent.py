@@ -28,11 +28,15 @@ from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.tasks import Supervisor
 from mesh.types import Assignment, CopyRecord, CopyState, InstanceRecord, ModelStats
+from puller import batching
 from puller.cache import ArtifactCache
 from puller.executor import Executor, LoadedModel
 from puller.table import ModelTable, Served
 
 log = logging.getLogger(__name__)
+
+UNLOAD_DRAIN_S = 10.0  # longest an unload waits for in-flight requests before letting go
+DRAIN_POLL_S = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Identity:
     address: str
     capacity_bytes: int
     device: str = "cpu"
+    devices: tuple[dict[str, object], ...] = ()  # GPU pods: every GPU / MIG slice
 
 
 class Agent:
@@ -71,6 +76,7 @@ class Agent:
         self.started_unix_ms = clock.unix_ms()
         self._wake = asyncio.Event()
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._unloading: dict[str, asyncio.Task[None]] = {}
         self._failed: dict[str, Assignment] = {}  # not retried until the assignment changes
         self._copies: dict[str, CopyRecord] = {}
         self._copy_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
@@ -139,16 +145,17 @@ class Agent:
 
     def reconcile(self) -> None:
         desired = self.desired()
+        # Unloads first: a load that needs their memory waits for them (`_await_room`).
+        for model_id in self.table.ids():
+            if model_id not in desired and model_id not in self._unloading:
+                self._unloading[model_id] = self._spawn(self._unload(model_id))
         for model_id, assignment in desired.items():
-            if model_id in self.table or model_id in self._loading:
-                continue
+            if model_id in self.table or model_id in self._loading or model_id in self._unloading:
+                continue  # an unload in progress wakes reconcile again when done
             if self._failed.get(model_id) == assignment:
                 continue
             self._failed.pop(model_id, None)
             self._loading[model_id] = self._spawn(self._load(model_id, assignment))
-        for model_id in self.table.ids():
-            if model_id not in desired:
-                self._spawn(self._unload(model_id))
         for model_id in list(self._failed):
             if model_id not in desired:
                 del self._failed[model_id]
@@ -167,6 +174,7 @@ class Agent:
             await self._sync_copy(model_id)
             artifact = await self.cache.acquire(assignment.storage_uri, assignment.sha256)
             try:
+                await self._await_room(assignment.predicted_bytes)
                 model = await self.executor.load(model_id, str(artifact.path))
             except BaseException:
                 self.cache.release(artifact.key)
@@ -186,12 +194,16 @@ class Agent:
             self._copies.pop(model_id, None)
             await self._sync_copy(model_id)
             return
-        self.table.add(Served(model, artifact.key, self.clock.unix_ms()))
+        batcher = batching.for_model(
+            model, self.executor, assignment.max_batch_size, assignment.max_queue_delay_us, self.metrics
+        )
+        self.table.add(Served(model, artifact.key, self.clock.unix_ms(), batcher=batcher))
         log.info("loaded model %s (%d bytes, %d ms)", model_id, model.size_bytes, model.load_ms)
+        # Stats (the measured size) first: whoever sees the copy LOADED sees its size too.
+        await self._put_stats(model_id, model=model)
         self._set_copy(model_id, CopyState.LOADED, size_bytes=model.size_bytes, load_ms=model.load_ms)
         await self._sync_copy(model_id)
         await self._sync_instance()
-        await self._put_stats(model_id, model=model)
         self._wake.set()  # the assignment may have gone meanwhile
 
     async def _load_failed(self, model_id: str, assignment: Assignment, exc: Exception) -> None:
@@ -208,18 +220,38 @@ class Agent:
         await self._put_stats(model_id, error=reason)
         self._wake.set()
 
+    async def _await_room(self, predicted_bytes: int) -> None:
+        """The unload buffer: a load starts once the measured use plus its predicted bytes fit
+        under capacity, or once the unloads under way (whose memory it may need) are done."""
+        waited = False
+        while self._unloading and self.table.used_bytes() + predicted_bytes > self.identity.capacity_bytes:
+            if not waited:
+                self.metrics.load_waits.inc()
+                waited = True
+            await asyncio.wait(list(self._unloading.values()))
+
     async def _unload(self, model_id: str) -> None:
-        start = time.perf_counter()
-        served = self.table.remove(model_id)
-        if served is not None:
-            self.cache.release(served.artifact_key)
-            del served  # the session goes when in-flight requests holding it finish
-            self.metrics.unloads.inc()
-            self.metrics.unload_seconds.observe(time.perf_counter() - start)
-            log.info("unloaded model %s", model_id)
-        self._copies.pop(model_id, None)
-        await self._sync_copy(model_id)
-        await self._sync_instance()
+        try:
+            start = time.perf_counter()
+            served = self.table.remove(model_id)
+            if served is not None:
+                self.cache.release(served.artifact_key)
+                # In-flight requests hold the session: its memory is freed when they finish,
+                # and loads waiting for this unload wait for that too (bounded).
+                for _ in range(int(UNLOAD_DRAIN_S / DRAIN_POLL_S)):
+                    if served.in_flight <= 0:
+                        break
+                    await asyncio.sleep(DRAIN_POLL_S)
+                del served
+                self.metrics.unloads.inc()
+                self.metrics.unload_seconds.observe(time.perf_counter() - start)
+                log.info("unloaded model %s", model_id)
+            self._copies.pop(model_id, None)
+            await self._sync_copy(model_id)
+            await self._sync_instance()
+        finally:
+            self._unloading.pop(model_id, None)
+            self._wake.set()  # it may have been re-assigned meanwhile
 
     # -- writing etcd -------------------------------------------------------------------------
 
@@ -265,6 +297,7 @@ class Agent:
                 used_bytes=used,
                 models=tuple(self.table.ids()),
                 device=self.identity.device,
+                devices=self.identity.devices,
                 started_unix_ms=self.started_unix_ms,
             )
             try:

@@ -18,9 +18,11 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from mesh import demo
 from mesh.errors import InvalidArgument, LoadFailed, MeshError
 from puller import gpu
 from puller.datatypes import ORT_TO_V2, V2, TensorSpec
+from puller.footprint import Footprint, probe_for
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,6 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, _dims(arg.shape))
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
     try:
         items = [x.decode() if isinstance(x, bytes) else str(x) for x in arr.ravel()]
@@ -70,13 +64,17 @@ def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
 
 
 class Executor:
-    def __init__(self, threads: int, intra_op_threads: int, cuda: bool) -> None:
+    def __init__(self, threads: int, intra_op_threads: int, cuda: bool, footprint: Footprint | None = None) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ort")
         self.intra_op_threads = intra_op_threads
         self.providers = gpu.providers(cuda)
-        # Loads are measured one at a time: an RSS delta taken while another session is being
-        # created would count both.
+        # puller/footprint.py: NVML device memory on a GPU pod, host PSS/RSS otherwise.
+        self.footprint = footprint or Footprint(probe_for(cuda, gpu.open_nvml() if cuda else None))
+        # Loads are measured one at a time: a delta taken while another session is being
+        # created would count both. Waiting here (not in Footprint's lock) keeps pool threads
+        # free for requests.
         self._measure = asyncio.Lock()
+        self._primed = False
 
     async def load(self, model_id: str, path: str) -> LoadedModel:
         loop = asyncio.get_running_loop()
@@ -86,7 +84,38 @@ class Executor:
     def _load(self, model_id: str, path: str) -> LoadedModel:
         start = time.perf_counter()
         file_size = os.path.getsize(path)
-        rss_before = _rss_bytes()
+        self._prime()
+        (session, inputs, outputs, bytes_inputs), measured = self.footprint.measure(
+            lambda: self._create(model_id, path)
+        )
+        if measured > 0:
+            size = measured
+        else:  # below the probe's resolution (a tiny model): its weights are the best figure
+            log.debug("footprint of %s below measurement resolution; using its file size", model_id)
+            size = file_size
+        load_ms = int((time.perf_counter() - start) * 1000)
+        return LoadedModel(model_id, session, inputs, outputs, size, load_ms, bytes_inputs)
+
+    def _prime(self) -> None:
+        """Pays onnxruntime's one-time process costs (thread pools, allocators, kernels
+        registry) on a throwaway session, so the first real model is not charged for them."""
+        if self._primed:
+            return
+        self._primed = True
+        try:
+            tiny = demo.linear_model(0).SerializeToString()
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.intra_op_threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(tiny, sess_options=options, providers=self.providers)
+            session.run(None, {"input": np.ones((1, 4), dtype=np.float32)})
+        except Exception as exc:  # noqa: BLE001 - only makes the first figure less exact
+            log.debug("onnxruntime priming session failed: %s", exc)
+
+    def _create(
+        self, model_id: str, path: str
+    ) -> tuple[ort.InferenceSession, dict[str, TensorSpec], dict[str, TensorSpec], frozenset[str]]:
+        """Session creation + warm-up: everything the footprint measures."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -99,11 +128,7 @@ class Executor:
         outputs = {arg.name: _spec(arg) for arg in session.get_outputs()}
         bytes_inputs = frozenset(n for n, s in inputs.items() if s.datatype == "BYTES")
         self._warm_up(model_id, session, inputs)
-        # Footprint = what the session added to this process, at least the file size.
-        # TODO(issue #3): on a GPU pod measure device memory through NVML instead of host RSS.
-        size = max(file_size, _rss_bytes() - rss_before)
-        load_ms = int((time.perf_counter() - start) * 1000)
-        return LoadedModel(model_id, session, inputs, outputs, size, load_ms, bytes_inputs)
+        return session, inputs, outputs, bytes_inputs
 
     def _warm_up(self, model_id: str, session: ort.InferenceSession, inputs: Mapping[str, TensorSpec]) -> None:
         feeds: dict[str, np.ndarray] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from mesh.errors import MeshError
 
@@ -54,6 +55,19 @@ def detect() -> GpuInfo:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def open_nvml() -> Any | None:
+    """The initialised pynvml module, kept open for this process's measurements (None when
+    NVML cannot start: no driver, no GPU)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception as exc:  # noqa: BLE001 - no driver / library: nothing to measure with
+        log.warning("NVML unavailable; model footprints fall back to host memory: %s", exc)
+        return None
 
 
 def use_cuda(use_gpu: str, info: GpuInfo) -> bool:

@@ -16,7 +16,7 @@ from mesh.kv.keys import Keys
 from mesh.metrics import Metrics
 from mesh.rpc.server import install_stop_signals
 from mesh.settings import CommonSettings, RuntimeSettings
-from puller import gpu
+from puller import footprint, gpu
 from puller.agent import Agent, Identity
 from puller.cache import ArtifactCache
 from puller.executor import Executor
@@ -60,8 +60,9 @@ async def serve(
     )
     listen_host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{_listen_host(settings.listen)}:{port}"
-    identity = Identity(instance_id(settings, port), address, capacity, device)
-    client = EtcdClient(common.endpoints())
+    devices = await asyncio.to_thread(_devices, settings.reserve) if cuda else ()
+    identity = Identity(instance_id(settings, port), address, capacity, device, devices)
+    client = EtcdClient.from_settings(common)
     agent = Agent(client, Keys(common.root), identity, common.lease_ttl_s, cache, executor, table, metrics, clock)
     try:
         await cache.start()
@@ -80,6 +81,14 @@ async def serve(
         await cache.close()
         await client.close()
         executor.close()
+
+
+def _devices(reserve: int) -> tuple[dict[str, object], ...]:
+    """Every GPU / MIG slice with its capacity, for the instance record."""
+    nvml = gpu.open_nvml()
+    if nvml is None:
+        return ()
+    return tuple(d.as_dict() for d in footprint.devices(nvml, reserve))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Thin servicers: convert, call codec / executor, convert back. A model not loaded here is
 UNAVAILABLE (the router retries another copy); errors are MeshErrors mapped once by the
-StatusInterceptor.
+the status wrapping of mesh/rpc/status.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mesh.pb.inference import grpc_predict_v2_pb2 as pb
 from mesh.pb.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mesh.pb.v1 import internal_pb2, internal_pb2_grpc
 from mesh.rpc.server import make_server
-from mesh.rpc.status import StatusInterceptor
+from mesh.rpc.status import StatusServer
 from puller import codec
 from puller.datatypes import TensorSpec
 from puller.executor import Executor
@@ -96,7 +96,10 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         names = codec.requested_outputs(request, model.outputs)
         served.begin()
         try:
-            arrays = await self.executor.run(model, decoded.feeds, names)
+            if served.batcher is not None:
+                arrays = await served.batcher.run(decoded.feeds, names)
+            else:
+                arrays = await self.executor.run(model, decoded.feeds, names)
         finally:
             served.end(self.clock.unix_ms())
         return _response(request, codec.encode_outputs(names, arrays, decoded.raw))
@@ -145,9 +148,9 @@ def build_server(
     clock: Clock,
     ready: asyncio.Event,
     metrics: Metrics,
-) -> tuple[grpc.aio.Server, int]:
+) -> tuple[StatusServer, int]:
     """The pod's gRPC server (not started) and its bound port."""
-    server, port = make_server(listen, max_message_bytes, [StatusInterceptor(metrics)])
+    server, port = make_server(listen, max_message_bytes, metrics)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(table, executor, clock, ready), server)
     internal_pb2_grpc.add_RuntimeServicer_to_server(Usage(table), server)
     return server, port

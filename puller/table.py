@@ -6,8 +6,12 @@ Written by the agent (load / unload), read by the V2 servicer and GetUsage. Even
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from puller.executor import LoadedModel
+
+if TYPE_CHECKING:
+    from puller.batching import Batcher
 
 
 @dataclasses.dataclass(eq=False)
@@ -17,6 +21,7 @@ class Served:
     last_used_unix_ms: int  # the load time until the first request
     in_flight: int = 0
     requests: int = 0
+    batcher: Batcher | None = None  # dynamic batching, when the model's spec asked for it
 
     def begin(self) -> None:
         self.in_flight += 1

@@ -78,6 +78,7 @@ class Forwarder:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._hits = metrics.cache_hits.labels(metrics.service)  # label lookup once, not per request
 
     # -- the domain call ----------------------------------------------------------------------
 
@@ -99,9 +100,8 @@ class Forwarder:
         if self.on_request is not None:
             self.on_request(model_id)
         forward_md = forwarded_metadata(metadata)
-        m = self.metrics
         if self.table.ready(model_id):
-            m.cache_hits.labels(m.service).inc()
+            self._hits.inc()
         excluded: set[str] = set()
         missed = False
         attempts = 0
@@ -127,7 +127,7 @@ class Forwarder:
                         f"model '{model_id}': {attempts} copies tried, all unavailable; retry"
                     ) from None
                 excluded.add(address)
-                m.forward_retries.inc()
+                self.metrics.forward_retries.inc()
 
     async def _call(
         self, address: str, request: bytes, metadata: tuple[tuple[str, Any], ...], deadline: float
@@ -179,14 +179,42 @@ class Forwarder:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Each message is routed on its own and answered in order; a failed message is
-        answered with error_message and the stream goes on."""
+        answered with error_message and the stream goes on.
+
+        Pipelined: up to `stream_window` messages of one stream are in flight at once (a
+        reader task starts each as it arrives); responses are still yielded in arrival order.
+        """
         metadata = context.invocation_metadata()
-        async for request in requests:
+        window = asyncio.Semaphore(self.settings.stream_window)
+        started: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue()  # unbounded: the semaphore bounds it
+
+        async def read() -> None:
             try:
-                response = await self.infer(request, metadata, self.budget(context))
-            except PodStatus as exc:
-                yield v2.stream_error(f"{exc.code.name}: {exc.details}")
-            except MeshError as exc:
-                yield v2.stream_error(f"{exc.kind.value}: {exc.message}")
-            else:
-                yield v2.stream_response(response)
+                async for request in requests:
+                    await window.acquire()
+                    started.put_nowait(asyncio.ensure_future(self._stream_one(request, metadata, context)))
+            finally:
+                started.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await started.get()) is not None:
+                response = await task
+                window.release()
+                yield response
+            await reader  # surfaces an error reading the request stream
+        finally:
+            reader.cancel()
+            while not started.empty():
+                left = started.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _stream_one(self, request: bytes, metadata: Any, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            response = await self.infer(request, metadata, self.budget(context))
+        except PodStatus as exc:
+            return v2.stream_error(f"{exc.code.name}: {exc.details}")
+        except MeshError as exc:
+            return v2.stream_error(f"{exc.kind.value}: {exc.message}")
+        return v2.stream_response(response)

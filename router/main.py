@@ -15,16 +15,18 @@ from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.pb.v1 import registry_pb2_grpc
 from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
-from mesh.rpc.status import StatusInterceptor
 from mesh.settings import CommonSettings, RouterSettings
 from mesh.state import MeshState
 from mesh.tasks import Supervisor
+from mesh.telemetry import TelemetryKeys
+from mesh.telemetry import client as redis_client
 from router.forward import Forwarder
 from router.miss import MissHandler
 from router.registry import Registry
 from router.registry_api import RegistryServicer
 from router.servicer import InferenceServicer
 from router.table import RouteTable
+from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +38,33 @@ async def serve(
 ) -> None:
     """Runs the router until `stop` is set, then drains in-flight RPCs (bounded) and closes."""
     keys = Keys(common.root)
-    client = EtcdClient(common.endpoints())
+    client = EtcdClient.from_settings(common)
     view = View(client, keys.prefix())
     state = MeshState(view, keys)
     table = RouteTable(state, metrics)
     pods = ChannelPool(settings.max_message_bytes)
     placement = ChannelPool(settings.max_message_bytes)
     miss = MissHandler(state, table, placement, metrics, settings.default_deadline_s)
-    forwarder = Forwarder(state, table, miss, pods, settings, metrics)
+    telemetry = None
+    if common.redis_url:
+        telemetry = Telemetry(
+            redis_client(common.redis_url, common.redis_timeout_s),
+            TelemetryKeys(common.root, common.telemetry_bucket_s), metrics,
+            settings.telemetry_flush_s, common.telemetry_retention_s,
+        )
+    forwarder = Forwarder(state, table, miss, pods, settings, metrics,
+                          on_request=telemetry.record if telemetry else None)
     registry = Registry(client, keys, state, settings, SystemClock())
 
     supervisor = Supervisor()
     supervisor.start("view", view.run)
     supervisor.start("sync", table.track_sync)
     supervisor.start("channel-sweep", forwarder.sweep)
+    if telemetry is not None:
+        supervisor.start("telemetry", telemetry.run)
 
     server, port = make_server(
-        settings.listen, settings.max_message_bytes, [StatusInterceptor(metrics)],
+        settings.listen, settings.max_message_bytes, metrics,
         settings.max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers([InferenceServicer(state, table, forwarder).handler()])
@@ -70,6 +82,8 @@ async def serve(
         await supervisor.stop()
         await pods.close()
         await placement.close()
+        if telemetry is not None:
+            await telemetry.redis.aclose()  # type: ignore[attr-defined]
         await client.close()
 
 

@@ -1,34 +1,36 @@
 """Which copy serves a request: the pure choice, apart from the machinery around it.
 
-Least in-flight wins; ties are broken at random (a seeded Random in tests) so routers that
-see the same counts do not all pick the same pod.
+Power of two choices (Mitzenmacher; Ray Serve's router): two distinct copies drawn at random,
+the one with fewer in-flight requests wins (the first drawn on a tie). O(1) in the number of
+copies and models, and routers that see the same counts do not all pile onto the same pod.
+Excluded copies (those that just answered UNAVAILABLE) are filtered out first; that only
+happens on retries.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 
 def pick(
-    addresses: Iterable[str],
+    addresses: Sequence[str],
     in_flight: Mapping[str, int],
     exclude: Collection[str] = (),
     rng: random.Random | None = None,
 ) -> str | None:
-    """The address with the fewest in-flight requests, not excluded; None when none is left."""
-    best: list[str] = []
-    best_load = 0
-    for address in addresses:
-        if address in exclude:
-            continue
-        load = in_flight.get(address, 0)
-        if not best or load < best_load:
-            best, best_load = [address], load
-        elif load == best_load:
-            best.append(address)
-    if not best:
+    """The less loaded of two random addresses not excluded; None when none is left."""
+    if exclude:
+        addresses = [a for a in addresses if a not in exclude]
+    n = len(addresses)
+    if n == 0:
         return None
-    if len(best) == 1:
-        return best[0]
-    return (rng or random).choice(best)
+    if n == 1:
+        return addresses[0]
+    r = rng or random
+    i = r.randrange(n)
+    j = r.randrange(n - 1)
+    if j >= i:
+        j += 1
+    a, b = addresses[i], addresses[j]
+    return b if in_flight.get(b, 0) < in_flight.get(a, 0) else a

@@ -13,10 +13,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mesh.settings import CommonSettings  # noqa: E402
 from tests.unit.helm import chart  # noqa: E402
 from tests.unit.helm.test_chart import ETCD_TLS, PROCESSES, env_names, env_of, pod_specs  # noqa: E402
-
-from mesh.settings import CommonSettings  # noqa: E402
 
 
 def main() -> None:

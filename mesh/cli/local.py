@@ -1,5 +1,5 @@
-"""A whole mesh on this machine as child processes: etcd (unless given), placement, runtime
-pods and routers. Used by `mesh up` and by the integration tests; every child is stopped by
+"""A whole mesh on this machine as child processes: etcd (unless given), Redis (optional, for
+usage telemetry), placement, runtime pods and routers. Used by `mesh up` and by the integration tests; every child is stopped by
 its own PID."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import pathlib
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.cli import procs
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
+from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 
 @dataclasses.dataclass
@@ -29,6 +31,7 @@ class LocalMesh:
     etcd: str = ""  # host:port of an existing etcd; empty starts one
     root: str = "/meshserve"
     lease_ttl_s: int = 5
+    redis: bool = False  # start a redis-server child and pass MESH_REDIS_URL to every process
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pod_env: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
@@ -52,6 +55,8 @@ class LocalMesh:
                 client, peer = _port(2379), procs.free_port()
                 self.procs["etcd"] = procs.start_etcd(self.state_dir / "etcd", client, peer, self.log("etcd"))
                 self.etcd = f"127.0.0.1:{client}"
+            if self.redis:
+                self.start_redis()
             self.start_placement("placement")
             for i in range(self.pods):
                 self.start_pod(i)
@@ -63,13 +68,24 @@ class LocalMesh:
             raise
         return self
 
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['redis']}/0" if "redis" in self.ports else ""
+
+    def start_redis(self) -> None:
+        """Starts (or restarts, on the same port) the Redis child."""
+        self.ports.setdefault("redis", procs.free_port())
+        self.procs["redis"] = start_redis(self.ports["redis"], self.log("redis"))
+
     def common_env(self) -> dict[str, str]:
-        return {
+        env = {
             "MESH_ETCD_ENDPOINTS": self.etcd,
             "MESH_ROOT": self.root,
             "MESH_LEASE_TTL_S": str(self.lease_ttl_s),
-            **self.env,
         }
+        if self.redis_url:
+            env["MESH_REDIS_URL"] = self.redis_url
+        return {**env, **self.env}
 
     def _spawn(self, name: str, kind: str, env: dict[str, str]) -> subprocess.Popen:
         self.ports[f"{name}-metrics"] = metrics_port = procs.free_port()
@@ -156,6 +172,23 @@ class LocalMesh:
             time.sleep(0.1)
         raise TimeoutError(f"instances never became {sorted(names)}")
 
+    # -- the registration API, as a client ------------------------------------------------
+
+    def register(self, model_id: str, path: pathlib.Path | str, **spec: object) -> None:
+        """Registers a model through the router (a path becomes a file:// URI)."""
+        uri = path if isinstance(path, str) else path.resolve().as_uri()
+        with grpc.insecure_channel(self.router_address) as channel:
+            registry_pb2_grpc.ModelRegistryStub(channel).RegisterModel(
+                registry_pb2.RegisterModelRequest(
+                    spec=types_pb2.ModelSpec(model_id=model_id, storage_uri=uri, **spec)),  # type: ignore[arg-type]
+                timeout=10,
+            )
+
+    def get_model(self, model_id: str) -> types_pb2.ModelStatus:
+        with grpc.insecure_channel(self.router_address) as channel:
+            return registry_pb2_grpc.ModelRegistryStub(channel).GetModel(
+                registry_pb2.GetModelRequest(model_id=model_id), timeout=10)
+
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
         with contextlib.suppress(ProcessLookupError):
@@ -164,9 +197,22 @@ class LocalMesh:
 
     def stop(self) -> None:
         """Routers first, then placement and pods, etcd last."""
-        order = sorted(self.procs, key=lambda n: (n == "etcd", not n.startswith("router")))
+        order = sorted(self.procs, key=lambda n: (n in ("etcd", "redis"), not n.startswith("router")))
         for name in order:
             procs.stop(self.procs.pop(name))
+
+
+def start_redis(port: int, log_path: pathlib.Path, timeout: float = 20.0) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:`port`, no persistence; stop it by its PID (procs.stop)."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    procs.wait_port("127.0.0.1", port, timeout, proc)
+    return proc
 
 
 def _port(preferred: int) -> int:

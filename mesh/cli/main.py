@@ -2,7 +2,7 @@
 
     mesh up                         etcd + placement + 2 runtime pods + router + demo models
     mesh router|placement|runtime   one process, configured by MESH_* variables (containers)
-    mesh register ID URI [--sha256 H] [--tenant T] [--label k=v]
+    mesh register ID URI [--sha256 H] [--tenant T] [--label k=v] [--max-batch-size N] [--max-queue-delay-us US]
     mesh list | status ID | infer ID [--input JSON] | unregister ID
 """
 
@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--sha256", default="")
     reg.add_argument("--tenant", default="")
     reg.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    reg.add_argument("--max-batch-size", type=int, default=0,
+                     help="dynamic batching: at most this many requests per run (0 or 1: off)")
+    reg.add_argument("--max-queue-delay-us", type=int, default=0,
+                     help="dynamic batching: how long a request may wait for others (microseconds)")
     target(reg)
 
     unreg = sub.add_parser("unregister", help="remove a model and its copies")

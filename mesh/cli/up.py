@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import signal
 import threading
 
@@ -17,7 +18,8 @@ from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 def run(args: argparse.Namespace) -> int:
     state = pathlib.Path(args.state_dir).resolve()
     mesh = LocalMesh(state_dir=state, router_port=args.port, pods=args.pods, capacity=args.capacity,
-                     etcd=args.etcd or "", lease_ttl_s=10)
+                     etcd=args.etcd or "", lease_ttl_s=10,
+                     redis=shutil.which("redis-server") is not None)  # usage telemetry when available
     print(f"starting meshserve: {args.pods} runtime pods of {args.capacity}, state in {state} ...", flush=True)
     mesh.start()
     stop = threading.Event()
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         registered = [] if args.no_demo else _register_demo(mesh, state / "models")
         print(f"\nmeshserve is up: router (KServe V2 gRPC + registration API) at {mesh.router_address}")
         print(f"etcd at {mesh.etcd}, logs in {state / 'logs'}")
+        print(f"usage telemetry in Redis at {mesh.redis_url}" if mesh.redis_url
+              else "usage telemetry off (no redis-server on PATH)")
         if registered:
             print("demo models: " + ", ".join(registered))
             print(f"\ntry:\n  mesh infer {registered[0]} --router {mesh.router_address}")

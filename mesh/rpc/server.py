@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
 
 import grpc
+
+from mesh.metrics import Metrics
+from mesh.rpc.status import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +46,22 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def make_server(
     listen: str,
     max_message_bytes: int,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    metrics: Metrics,
     max_concurrent_rpcs: int | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server bound to `listen`; returns it with the bound port (for port 0)."""
+) -> tuple[StatusServer, int]:
+    """A grpc.aio server bound to `listen`; returns it with the bound port (for port 0).
+
+    Every handler registered on it maps MeshErrors to their status and is counted and timed
+    (mesh/rpc/status.py), wrapped once at registration: no per-RPC interceptor.
+    """
     server = grpc.aio.server(
-        interceptors=list(interceptors),
         options=server_options(max_message_bytes),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    return server, port
+    return StatusServer(server, metrics), port
 
 
 class ChannelPool:

@@ -1,10 +1,17 @@
-"""The one table from error kinds to gRPC status codes, and the interceptor applying it."""
+"""The one table from error kinds to gRPC status codes, and the handler wrapping applying it.
+
+Every method handler of every server is wrapped once, when it is registered (StatusServer,
+built by mesh.rpc.server.make_server): a MeshError becomes its status, anything else INTERNAL,
+and every RPC is counted and timed by method and code. This replaces a grpc.aio
+ServerInterceptor, which grpc runs per RPC (an extra coroutine, a handler lookup and a fresh
+closure for every call); profiling showed that cost on the hot path (docs/BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -15,77 +22,144 @@ from mesh.metrics import Metrics
 log = logging.getLogger(__name__)
 
 CODES: dict[Kind, grpc.StatusCode] = {kind: getattr(grpc.StatusCode, kind.value) for kind in Kind}
+_MAX_CACHED_METHODS = 1024  # a generic handler answering any name must not grow the cache forever
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
     return CODES[exc.kind] if isinstance(exc, MeshError) else grpc.StatusCode.INTERNAL
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MeshError to its status, counts and times every RPC. Handlers stay thin."""
+class _Recorder:
+    """Counts and times one method; metric children are looked up once, not per request."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.seconds = metrics.request_seconds.labels(metrics.service, method)
+        self.counts: dict[grpc.StatusCode, Any] = {}
+
+    def __call__(self, code: grpc.StatusCode, start: float) -> None:
+        counter = self.counts.get(code)
+        if counter is None:
+            m = self.metrics
+            counter = self.counts[code] = m.requests.labels(m.service, self.method, code.name)
+        counter.inc()
+        self.seconds.observe(time.perf_counter() - start)
+
+
+async def _fail(exc: BaseException, context: grpc.aio.ServicerContext, record: _Recorder, start: float) -> None:
+    """Records a failed RPC and aborts with its status; the caller re-raises `exc`."""
+    if isinstance(exc, grpc.aio.AbortError):
+        record(context.code() or grpc.StatusCode.UNKNOWN, start)
+        return
+    if isinstance(exc, MeshError):
+        code = code_of(exc)
+        record(code, start)
+        await context.abort(code, exc.message)
+    if isinstance(exc, Exception):
+        log.exception("unhandled error in %s", record.method)
+        record(grpc.StatusCode.INTERNAL, start)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {record.method}")
+    # BaseException (cancellation): nothing to answer; grpc cancels the RPC.
+
+
+def _unary_response(fn: Callable[..., Any], record: _Recorder) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            response = await fn(request, context)
+        except BaseException as exc:
+            await _fail(exc, context, record, start)
+            raise
+        record(context.code() or grpc.StatusCode.OK, start)
+        return response
+
+    return wrapped
+
+
+def _stream_response(fn: Callable[..., Any], record: _Recorder) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            async for item in fn(request, context):
+                yield item
+        except BaseException as exc:
+            await _fail(exc, context, record, start)
+            raise
+        record(context.code() or grpc.StatusCode.OK, start)
+
+    return wrapped
+
+
+def instrument(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
+    """`handler` with status mapping and metrics applied to whichever behaviour it has."""
+    record = _Recorder(metrics, method.rsplit("/", 1)[-1])
+    h: Any = handler
+    if h.unary_unary:
+        return h._replace(unary_unary=_unary_response(h.unary_unary, record))
+    if h.stream_unary:
+        return h._replace(stream_unary=_unary_response(h.stream_unary, record))
+    if h.unary_stream:
+        return h._replace(unary_stream=_stream_response(h.unary_stream, record))
+    if h.stream_stream:
+        return h._replace(stream_stream=_stream_response(h.stream_stream, record))
+    return handler
+
+
+class _InstrumentedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are instrumented the first time each is asked for."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = details.method  # type: ignore[attr-defined]
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = self.inner.service(details)
+        if handler is None:
+            return None
+        wrapped = instrument(handler, method, self.metrics)
+        if len(self._cache) < _MAX_CACHED_METHODS:
+            self._cache[method] = wrapped
+        return wrapped
+
+
+class StatusServer:
+    """A grpc.aio.Server that instruments every handler registered on it (generated
+    `add_*Servicer_to_server` functions and generic handlers alike). Everything else is the
+    grpc server's own."""
+
+    def __init__(self, server: grpc.aio.Server, metrics: Metrics) -> None:
+        self.server = server
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
-        return handler
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers([_InstrumentedGeneric(h, self.metrics) for h in handlers])
 
-    def _record(self, method: str, code: grpc.StatusCode, start: float) -> None:
-        m = self.metrics
-        m.requests.labels(m.service, method, code.name).inc()
-        m.request_seconds.labels(m.service, method).observe(time.perf_counter() - start)
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service, {name: instrument(h, f"/{service}/{name}", self.metrics) for name, h in handlers.items()}
+        )
 
-    def _wrap_unary(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            try:
-                response = await fn(request, context)
-            except BaseException as exc:
-                await self._fail(exc, context, method, start)
-                raise
-            self._record(method, context.code() or grpc.StatusCode.OK, start)
-            return response
+    def add_insecure_port(self, address: str) -> int:
+        return self.server.add_insecure_port(address)
 
-        return wrapped
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        return self.server.add_secure_port(address, credentials)
 
-    def _wrap_stream(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            try:
-                async for item in fn(request, context):
-                    yield item
-            except BaseException as exc:
-                await self._fail(exc, context, method, start)
-                raise
-            self._record(method, grpc.StatusCode.OK, start)
+    async def start(self) -> None:
+        await self.server.start()
 
-        return wrapped
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
 
-    async def _fail(
-        self, exc: BaseException, context: grpc.aio.ServicerContext, method: str, start: float
-    ) -> None:
-        if isinstance(exc, grpc.aio.AbortError):
-            self._record(method, context.code() or grpc.StatusCode.UNKNOWN, start)
-            return
-        if isinstance(exc, MeshError):
-            code = code_of(exc)
-            self._record(method, code, start)
-            await context.abort(code, exc.message)
-        if isinstance(exc, Exception):
-            log.exception("unhandled error in %s", method)
-            self._record(method, grpc.StatusCode.INTERNAL, start)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+

@@ -7,33 +7,16 @@ import pathlib
 import uuid
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from mesh import demo
 from mesh.cli.local import LocalMesh
-from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 
 def start_mesh(base: pathlib.Path, etcd: str, **kwargs: object) -> LocalMesh:
     root = f"/e2e-{uuid.uuid4().hex[:10]}"
     mesh = LocalMesh(state_dir=base / root.strip("/"), etcd=etcd, root=root, lease_ttl_s=3, **kwargs)  # type: ignore[arg-type]
     return mesh.start(timeout=90)
-
-
-def register(mesh: LocalMesh, model_id: str, path: pathlib.Path | str, **spec: str) -> None:
-    uri = path if isinstance(path, str) else path.resolve().as_uri()
-    with grpc.insecure_channel(mesh.router_address) as channel:
-        registry_pb2_grpc.ModelRegistryStub(channel).RegisterModel(
-            registry_pb2.RegisterModelRequest(spec=types_pb2.ModelSpec(model_id=model_id, storage_uri=uri, **spec)),
-            timeout=10,
-        )
-
-
-def get_model(mesh: LocalMesh, model_id: str) -> types_pb2.ModelStatus:
-    with grpc.insecure_channel(mesh.router_address) as channel:
-        return registry_pb2_grpc.ModelRegistryStub(channel).GetModel(
-            registry_pb2.GetModelRequest(model_id=model_id), timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +35,7 @@ def mesh(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
     m = start_mesh(tmp_path_factory.mktemp("mesh"), etcd_endpoint, pods=2, capacity="256MiB")
     try:
         for model_id, path in model_files.items():
-            register(m, model_id, path)
+            m.register(model_id, path)
         yield m
     finally:
         m.stop()

@@ -11,7 +11,7 @@ import tritonclient.grpc as triton
 
 from mesh import demo
 
-from .conftest import get_model, register, start_mesh
+from .conftest import start_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def _loaded(mesh, model_id: str, expected: list[str], timeout: float = 15.0) -> 
     reported asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
-        where = [c.instance_id for c in get_model(mesh, model_id).copies if c.state == LOADED]
+        where = [c.instance_id for c in mesh.get_model(model_id).copies if c.state == LOADED]
         if where == expected or time.monotonic() > deadline:
             return where
         time.sleep(0.05)
@@ -37,17 +37,17 @@ def _loaded(mesh, model_id: str, expected: list[str], timeout: float = 15.0) -> 
 
 def test_least_recently_used_model_is_evicted(etcd_endpoint: str, tmp_path: pathlib.Path) -> None:
     names = ["evict-a", "evict-b", "evict-c"]
-    files = {m: demo.save(demo.linear_model(20 + i, weight_bytes=8 << 20), tmp_path / f"{m}.onnx")
+    files = {m: demo.save(demo.linear_model(20 + i, weight_bytes=24 << 20), tmp_path / f"{m}.onnx")
              for i, m in enumerate(names)}
     mesh = start_mesh(tmp_path / "mesh", etcd_endpoint, pods=1, capacity="1GiB")
     try:
         for m, path in files.items():
-            register(mesh, m, path)
+            mesh.register(m, path)
         client = triton.InferenceServerClient(mesh.router_address)
         # Calibrate: load each once on a roomy pod so placement knows their measured sizes.
         for m in names:
             _infer(client, m)
-        sizes = [get_model(mesh, m).size_bytes for m in names]
+        sizes = [mesh.get_model(m).size_bytes for m in names]
         assert all(sizes), sizes
         # Replace the pod by one with room for two of them but not three.
         mesh.stop_process("pod-0")
@@ -61,7 +61,11 @@ def test_least_recently_used_model_is_evicted(etcd_endpoint: str, tmp_path: path
         assert _loaded(mesh, "evict-a", ["pod-1"]) == ["pod-1"] and _loaded(mesh, "evict-b", ["pod-1"]) == ["pod-1"]
         _infer(client, "evict-c")
         assert _loaded(mesh, "evict-c", ["pod-1"]) == ["pod-1"]
-        assert _loaded(mesh, "evict-a", []) == [], "the least recently used model should have been evicted"
+        sizes_now = {m: mesh.get_model(m).size_bytes for m in names}
+        assert _loaded(mesh, "evict-a", []) == [], (
+            f"the least recently used model should have been evicted (capacity {capacity}, "
+            f"calibrated sizes {sizes}, sizes on this pod {sizes_now}, "
+            f"decision {mesh.get_model('evict-a').last_decision!r})")
         assert _loaded(mesh, "evict-b", ["pod-1"]) == ["pod-1"]
         # Using A again evicts B, now the least recently used, and A is served correctly.
         _infer(client, "evict-b")

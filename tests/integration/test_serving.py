@@ -14,8 +14,6 @@ from tritonclient.utils import InferenceServerException
 
 from mesh.cli.local import LocalMesh
 
-from .conftest import get_model
-
 pytestmark = pytest.mark.integration
 
 
@@ -43,7 +41,7 @@ def test_cold_then_warm_model_matches_onnxruntime(client, mesh, model_files) -> 
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     cold = infer(client, "linear-0", x)
     np.testing.assert_allclose(cold, expected(model_files["linear-0"], x), rtol=1e-5, atol=1e-6)
-    status = get_model(mesh, "linear-0")
+    status = mesh.get_model("linear-0")
     assert [c.state for c in status.copies].count(2) == 1  # one LOADED copy
     assert status.size_bytes > 0
     warm = infer(client, "linear-0", x)
@@ -78,7 +76,7 @@ def test_concurrent_requests_for_a_cold_model_load_it_once(mesh, model_files) ->
         results = list(pool.map(one, range(50)))
     for r in results:
         np.testing.assert_allclose(r, want, rtol=1e-5, atol=1e-6)
-    status = get_model(mesh, "linear-2")
+    status = mesh.get_model("linear-2")
     assert len(status.copies) == 1, status
     assert _loads(mesh) - loads_before == 1
 
@@ -116,7 +114,7 @@ def test_corrupt_artifact_fails_with_reason_while_others_serve(client, mesh) -> 
     with pytest.raises(InferenceServerException) as err:
         infer(client, "corrupt", np.ones((1, 4), dtype=np.float32))
     assert err.value.status() == "StatusCode.FAILED_PRECONDITION"
-    status = get_model(mesh, "corrupt")
+    status = mesh.get_model("corrupt")
     assert status.last_error, status
     assert status.state == 4  # MODEL_FAILED
     out = infer(client, "linear-0", np.ones((1, 4), dtype=np.float32))

@@ -11,7 +11,7 @@ from tritonclient.grpc import service_pb2 as pb
 from mesh import types
 from mesh.pb.v1 import registry_pb2, types_pb2
 
-from .conftest import FakePlacement, Router
+from .conftest import FakePlacement, FakePod, Router
 
 pytestmark = pytest.mark.integration
 
@@ -170,3 +170,43 @@ async def test_stream_infer_answers_in_order(router: Router, pods) -> None:
     assert "ghost" in answers[1].error_message and "NOT_FOUND" in answers[1].error_message
     assert answers[2].infer_response.id == "pod-s"
     assert len(answers) == 3
+
+
+class _GatedPod(FakePod):
+    """Holds every ModelInfer until `n` are in flight, then answers the later ones first."""
+
+    def __init__(self, name: str, n: int) -> None:
+        super().__init__(name)
+        self.n = n
+        self.arrived = 0
+        self.gate = asyncio.Event()
+
+    async def _infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = pb.ModelInferRequest.FromString(request)
+        self.arrived += 1
+        if self.arrived >= self.n:
+            self.gate.set()
+        await asyncio.wait_for(self.gate.wait(), 10)
+        await asyncio.sleep(0.02 * (self.n - int(req.id)))  # earlier messages finish last
+        return pb.ModelInferResponse(model_name=req.model_name, id=req.id).SerializeToString()
+
+
+async def test_stream_infer_is_pipelined_and_keeps_order(router: Router) -> None:
+    """ModelStreamInfer forwards several messages at once (the pod only answers once all 4 are
+    in flight) and still answers them in the order they were sent."""
+    pod = await _GatedPod("pod-g", 4).start()
+    try:
+        await _register(router, "g1")
+        await router.add_copy("g1", "pod-g", pod.address)
+        await router.wait_model_ready("g1")
+        call = router.channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        stream = call(iter(pb.ModelInferRequest(model_name="g1", id=str(i)) for i in range(4)), timeout=20)
+        answers = [r async for r in stream]
+        assert [a.error_message for a in answers] == [""] * 4
+        assert [a.infer_response.id for a in answers] == ["0", "1", "2", "3"]
+    finally:
+        await pod.stop()

@@ -103,7 +103,10 @@ async def test_evicts_lru_using_pod_usage(world: World, controller: Controller, 
     play_pod(world, lambda m, i: (CopyState.LOADED, ""))
     await controller.ensure_loaded("m", WAIT)
     assert sorted(world.state.assignments["a"]) == ["m", "old"]
-    assert len(world.leader.writes[0]) == 2  # victim delete + assignment: one transaction
+    # victim delete + assignment + both decisions: one fenced transaction
+    assert len(world.leader.writes[0]) == 4
+    assert world.state.decisions["new"].action == "evicted" and "for model 'm'" in world.state.decisions["new"].reason
+    assert world.state.decisions["m"].action == "placed" and world.state.decisions["m"].instance_id == "a"
 
 
 async def test_no_capacity(world: World, controller: Controller) -> None:

@@ -1,0 +1,140 @@
+"""Density benchmark: many models, pods holding ~10% of their bytes, a seeded Zipf trace.
+
+    python bench/density.py [--quick] [--models N] [--requests R] [--alpha A] [--offline-only]
+
+Generates N ONNX models of mixed sizes (mesh.demo.linear_model, log-uniform weight bytes),
+starts a LocalMesh on 127.0.0.1 with roomy pods, loads every model the trace uses once to
+measure its size (calibration), then replaces the pods by pods whose total capacity is
+`--fraction` (10%) of the measured bytes and replays the trace through the router with
+tritonclient. Reports the router's hit ratio (mesh_cache_hits_total / misses), miss latency
+p50/p99 (client side), loads, evictions and failed requests — beside the same trace replayed
+offline (bench/trace.py) through plain LRU, our policy (the same planner code) and Belady.
+Bounded: every request has a deadline, the trace has a fixed length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.trace import belady, mixed_sizes, replay, zipf_trace  # noqa: E402
+from placement.policy import Rules  # noqa: E402
+
+MiB = 1 << 20
+
+
+def offline(trace: list[int], sizes: list[int], load_ms: list[int], capacities: list[int]) -> None:
+    lru = replay("lru", trace, sizes, load_ms, capacities, None)
+    ours = replay("policy", trace, sizes, load_ms, capacities, Rules(probation_hits=1))
+    opt = belady(trace, sizes, capacities)
+    for r in (lru, ours, opt):
+        print(f"  offline {r.name:7s} hit ratio {r.hit_ratio:.4f}  ({r.hit_ratio / lru.hit_ratio:.2f}x LRU)"
+              f"  misses {r.misses}  evictions {r.evictions}")
+
+
+def live(args: argparse.Namespace, trace: list[int], weights: list[int]) -> list[int]:
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    from mesh import demo
+    from mesh.cli.local import LocalMesh
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="density-"))
+    used = sorted(set(trace))
+    t0 = time.monotonic()
+    files = {i: demo.save(demo.linear_model(i, weight_bytes=weights[i]), tmp / f"d{i}.onnx") for i in used}
+    print(f"generated {len(files)} models in {time.monotonic() - t0:.1f}s")
+    mesh = LocalMesh(state_dir=tmp / "mesh", pods=args.pods, capacity="8GiB", lease_ttl_s=3).start(timeout=90)
+    try:
+        for i, path in files.items():
+            mesh.register(f"d{i}", path)
+        client = triton.InferenceServerClient(mesh.router_address)
+
+        def infer(i: int) -> tuple[bool, float]:
+            inp = triton.InferInput("input", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+            start = time.monotonic()
+            try:
+                client.infer(f"d{i}", [inp], client_timeout=60)
+                return True, time.monotonic() - start
+            except Exception:  # noqa: BLE001 - a failed request is counted, not fatal
+                return False, time.monotonic() - start
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(infer, used))  # calibration: measured sizes
+        measured = {i: mesh.get_model(f"d{i}").size_bytes for i in used}
+        total = sum(measured.values())
+        # at least room for the largest model, else it could never load
+        per_pod = max(int(total * args.fraction / args.pods), int(1.2 * max(measured.values())))
+        for p in range(args.pods):
+            mesh.stop_process(f"pod-{p}")
+        for p in range(args.pods):
+            mesh.pod_env[args.pods + p] = {"MESH_RUNTIME_CAPACITY": str(per_pod)}
+            mesh.start_pod(args.pods + p)
+        mesh.wait_instances({f"pod-{args.pods + p}" for p in range(args.pods)}, timeout=60)
+        print(f"calibrated: {total / MiB:.1f} MiB measured, {args.pods} pods x {per_pod / MiB:.1f} MiB")
+        before = mesh.scrape("router")
+        pbefore = mesh.scrape("placement")
+        results = [infer(i) for i in trace]
+        after = mesh.scrape("router")
+        pafter = mesh.scrape("placement")
+
+        def delta(a: dict, b: dict, key: str) -> float:
+            return a.get(key, 0.0) - b.get(key, 0.0)
+
+        hits = delta(after, before, 'mesh_cache_hits_total{service="router"}')
+        misses = delta(after, before, 'mesh_cache_misses_total{service="router"}')
+        evictions = sum(v - pbefore.get(k, 0.0) for k, v in pafter.items() if k.startswith("mesh_evictions_total"))
+        loads = delta(pafter, pbefore, 'mesh_placements_total{result="ok"}')
+        failed = sum(1 for ok, _ in results if not ok)
+        lat = sorted(d for _, d in results)
+        slow = lat[int(len(lat) * (hits / max(hits + misses, 1))):]  # the slowest requests ~ the misses
+        p50 = statistics.median(slow) if slow else 0.0
+        p99 = slow[min(len(slow) - 1, int(len(slow) * 0.99))] if slow else 0.0
+        print(f"  live    hit ratio {hits / max(hits + misses, 1):.4f}  misses {misses:.0f}  loads {loads:.0f}  "
+              f"evictions {evictions:.0f}  failed {failed}  miss latency p50 {p50 * 1000:.1f} ms "
+              f"p99 {p99 * 1000:.1f} ms")
+        client.close()
+        sizes = [measured.get(i, 0) for i in range(len(weights))]
+        print(f"offline replays with the measured sizes ({args.pods} pods x {per_pod / MiB:.1f} MiB):")
+        offline(trace, sizes, [max(1, s // MiB) for s in sizes], [per_pod] * args.pods)
+        return sizes
+    finally:
+        mesh.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--pods", type=int, default=2)
+    ap.add_argument("--fraction", type=float, default=0.10)
+    ap.add_argument("--quick", action="store_true", help="100 models, 1000 requests")
+    ap.add_argument("--offline-only", action="store_true", help="skip the live mesh")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.requests = 100, 1000
+    trace = zipf_trace(args.models, args.requests, args.alpha, args.seed)
+    weights = mixed_sizes(args.models, args.seed, 64 << 10, 2 * MiB)
+    print(f"density: {args.models} models, {args.requests} requests, Zipf alpha {args.alpha}, seed {args.seed}")
+    if args.offline_only:
+        per_pod = max(int(sum(weights) * args.fraction / args.pods), int(1.2 * max(weights)))
+        print(f"offline replays with the nominal sizes ({args.pods} pods x {per_pod / MiB:.1f} MiB):")
+        offline(trace, weights, [max(1, w // MiB) for w in weights], [per_pod] * args.pods)
+        return
+    live(args, trace, weights)
+
+
+if __name__ == "__main__":
+    main()
