@@ -74,11 +74,13 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
         supervisor.start("leader", leader.run)
         supervisor.start("reconcile", reconciler.run)
         await server.start()
+        await server.set_serving(True)  # followers are healthy too: they take over on failover
         serve_metrics(metrics, settings.listen.rsplit(":", 1)[0], settings.metrics_port)
         log.info("placement %s listening on port %d", holder, port)
         await stop.wait()
     finally:
         with contextlib.suppress(Exception):
+            await server.set_serving(False)
             await server.stop(GRACE_S)
         await controller.close()
         await supervisor.stop()  # the leader resigns (revokes its lease) on cancel

@@ -70,11 +70,13 @@ async def serve(
         await server.start()
         await agent.start()
         ready.set()
+        await server.set_serving(True)  # registered in etcd: routers may send work
         log.info("runtime %s serving on %s (%s, capacity %d bytes)", identity.instance_id, address, device, capacity)
         await stop.wait()
     finally:
         ready.clear()
         log.info("runtime %s stopping", identity.instance_id)
+        await server.set_serving(False)
         await server.stop(GRACE_S)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(agent.stop(), GRACE_S)

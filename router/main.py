@@ -15,6 +15,7 @@ from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.pb.v1 import registry_pb2_grpc
 from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
+from mesh.rpc.status import StatusServer
 from mesh.settings import CommonSettings, RouterSettings
 from mesh.state import MeshState
 from mesh.tasks import Supervisor
@@ -74,9 +75,11 @@ async def serve(
         host = settings.listen.rsplit(":", 1)[0]
         metrics_mod.serve(metrics, host, settings.metrics_port)
         log.info("router listening on %s (port %d), mesh root %s", settings.listen, port, keys.root)
+        supervisor.start("health", lambda: _serving_once_synced(view, server))
         await stop.wait()
         log.info("router stopping")
     finally:
+        await server.set_serving(False)
         await server.stop(GRACE_S)
         await miss.close()
         await supervisor.stop()
@@ -85,6 +88,12 @@ async def serve(
         if telemetry is not None:
             await telemetry.redis.aclose()  # type: ignore[attr-defined]
         await client.close()
+
+
+async def _serving_once_synced(view: View, server: StatusServer) -> None:
+    """Ready (grpc health SERVING) once the route table has loaded from etcd."""
+    await view.wait_synced()
+    await server.set_serving(True)
 
 
 def main() -> None:

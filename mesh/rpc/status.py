@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mesh.errors import Kind, MeshError
 from mesh.metrics import Metrics
@@ -136,6 +137,15 @@ class StatusServer:
     def __init__(self, server: grpc.aio.Server, metrics: Metrics) -> None:
         self.server = server
         self.metrics = metrics
+        # grpc.health.v1 for Kubernetes grpc probes: NOT_SERVING until the process says it
+        # is ready, and again while it drains. Not instrumented (probes are not traffic).
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+
+    async def set_serving(self, serving: bool) -> None:
+        """The overall ("") health status Kubernetes' grpc readiness probe reads."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.server.add_generic_rpc_handlers([_InstrumentedGeneric(h, self.metrics) for h in handlers])

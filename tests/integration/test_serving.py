@@ -119,3 +119,14 @@ def test_corrupt_artifact_fails_with_reason_while_others_serve(client, mesh) -> 
     assert status.state == 4  # MODEL_FAILED
     out = infer(client, "linear-0", np.ones((1, 4), dtype=np.float32))
     assert out.shape == (1, 3)
+
+
+def test_every_process_answers_grpc_health_checks(mesh) -> None:
+    """Kubernetes grpc probes (grpc.health.v1) on the router, a runtime pod and placement."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for name in ("router", "pod-0", "placement"):
+        with grpc.insecure_channel(f"127.0.0.1:{mesh.ports[name]}") as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING, name

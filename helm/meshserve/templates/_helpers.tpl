@@ -151,22 +151,24 @@ redis://{{ .Values.redis.external.address }}/0
 {{- end }}
 {{- end }}
 
-{{/* The gRPC port probes. The processes do not serve grpc.health.v1 yet, so these are TCP
-     checks on the gRPC port; switch to `grpc:` probes when the health service lands. */}}
+{{/* Probes of the meshserve processes. */}}
 {{- define "meshserve.probes" -}}
+{{- /* Native grpc probes (grpc.health.v1, Kubernetes >= 1.24): a process reports SERVING once
+it is ready (router: route table loaded; runtime: registered in etcd) and NOT_SERVING while
+it drains. Call with (dict "port" <grpc port>). */}}
 startupProbe:
-  tcpSocket:
-    port: grpc
+  grpc:
+    port: {{ .port }}
   periodSeconds: 2
   failureThreshold: 60
 readinessProbe:
-  tcpSocket:
-    port: grpc
+  grpc:
+    port: {{ .port }}
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:
-  tcpSocket:
-    port: grpc
+  grpc:
+    port: {{ .port }}
   periodSeconds: 10
   failureThreshold: 3
 {{- end }}

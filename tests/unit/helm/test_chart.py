@@ -180,3 +180,12 @@ def test_default_runtime_is_cpu_only(default):
     # Lint renders with an empty namespace; an install fills it in.
     endpoint = env_of(router)["MESH_ETCD_ENDPOINTS"]["value"]
     assert "-etcd-0.test-release-meshserve-etcd-headless." in endpoint and endpoint.endswith(":2379")
+
+
+def test_meshserve_processes_use_grpc_health_probes(rendered):
+    """Probes ask grpc.health.v1 on the process's own gRPC port (not a bare TCP connect)."""
+    specs = pod_specs(rendered)
+    for component, cls in PROCESSES.items():
+        container = specs[component]["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == default_port(cls), (component, probe)
