@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,12 +52,16 @@ def live(args: argparse.Namespace, trace: list[int], weights: list[int]) -> list
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="density-"))
     used = sorted(set(trace))
     t0 = time.monotonic()
-    files = {i: demo.save(demo.linear_model(i, weight_bytes=weights[i]), tmp / f"d{i}.onnx") for i in used}
-    print(f"generated {len(files)} models in {time.monotonic() - t0:.1f}s")
-    mesh = LocalMesh(state_dir=tmp / "mesh", pods=args.pods, capacity="8GiB", lease_ttl_s=3).start(timeout=90)
+    files = {i: demo.save(demo.linear_model(i, weight_bytes=w), tmp / f"d{i}.onnx") for i, w in enumerate(weights)}
+    print(f"generated {len(files)} models in {time.monotonic() - t0:.1f}s ({len(used)} of them in the trace)")
+    telemetry = shutil.which("redis-server") is not None  # routers -> Redis -> placement, as deployed
+    mesh = LocalMesh(state_dir=tmp / "mesh", pods=args.pods, capacity="8GiB", lease_ttl_s=3,
+                     redis=telemetry).start(timeout=90)
     try:
+        t0 = time.monotonic()
         for i, path in files.items():
             mesh.register(f"d{i}", path)
+        print(f"registered {len(files)} models in {time.monotonic() - t0:.1f}s; telemetry {'on' if telemetry else 'off'}")
         client = triton.InferenceServerClient(mesh.router_address)
 
         def infer(i: int) -> tuple[bool, float]:

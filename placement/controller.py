@@ -27,7 +27,7 @@ from aetcd.rpc import rpc_pb2
 from mesh import types
 from mesh.clock import Clock, SystemClock
 from mesh.errors import DeadlineExceeded, LoadFailed, NoCapacity, Unavailable, model_not_found
-from mesh.kv.etcd import delete_op, put_op
+from mesh.kv.etcd import MAX_TXN_OPS, delete_op, put_op
 from mesh.metrics import Metrics
 from mesh.settings import PlacementSettings
 from mesh.singleflight import SingleFlight
@@ -191,12 +191,15 @@ class Controller:
             await self.refresh_activity()
             plan = self._plan(model_id, predicted, self.pod_views(usage), excluded)
         assignment = self.assignment_for(spec, plan.instance_id, predicted)
-        ops = [delete_op(self.keys.assignment(plan.instance_id, v)) for v in plan.victims]
-        ops.append(put_op(self.keys.assignment(plan.instance_id, model_id), types.encode(assignment)))
-        for victim, why in zip(plan.victims, plan.victim_reasons, strict=False):
-            ops.append(self.decision_op(victim, "evicted", plan.instance_id, why))
-        ops.append(self.decision_op(model_id, "placed", plan.instance_id, plan.reason))
-        if not await self.leader.write(ops):
+        evictions = [
+            [delete_op(self.keys.assignment(plan.instance_id, v)), self.decision_op(v, "evicted", plan.instance_id, why)]
+            for v, why in zip(plan.victims, plan.victim_reasons, strict=False)
+        ]
+        placing = [
+            put_op(self.keys.assignment(plan.instance_id, model_id), types.encode(assignment)),
+            self.decision_op(model_id, "placed", plan.instance_id, plan.reason),
+        ]
+        if not await self._write_plan(evictions, placing):
             self.metrics.placements.labels("lost_leadership").inc()
             raise Unavailable("placement lost leadership while placing the model; retry on the new leader")
         self.metrics.placements.labels("ok").inc()
@@ -210,6 +213,19 @@ class Controller:
             plan.evicted_bytes, plan.reason,
         )
         return plan.instance_id
+
+    async def _write_plan(self, evictions: list[list[rpc_pb2.RequestOp]], placing: list[rpc_pb2.RequestOp]) -> bool:
+        """Evictions and the new assignment in one fenced transaction when etcd allows that many
+        operations; otherwise the evictions first, in chunks, then the assignment (evicting
+        early is safe: the room is made before the load is asked for)."""
+        flat = [op for pair in evictions for op in pair]
+        if len(flat) + len(placing) < MAX_TXN_OPS:
+            return await self.leader.write(flat + placing)
+        step = (MAX_TXN_OPS - 1) // 2
+        for start in range(0, len(evictions), step):
+            if not await self.leader.write([op for pair in evictions[start : start + step] for op in pair]):
+                return False
+        return await self.leader.write(placing)
 
     def _plan(
         self, model_id: str, predicted: int, pods: list[planner.PodView], excluded: set[str]

@@ -23,7 +23,7 @@ from mesh import types
 from mesh.clock import Clock, SystemClock
 from mesh.errors import Unavailable
 from mesh.kv import keys as k
-from mesh.kv.etcd import CREATE, EtcdClient, Lease, compare, put_op
+from mesh.kv.etcd import CREATE, MAX_TXN_OPS, EtcdClient, Lease, compare, put_op
 from mesh.metrics import Metrics
 from mesh.state import MeshState
 
@@ -164,6 +164,8 @@ class Leader:
         A failed transaction is told apart (one read): if our fence no longer holds we step
         down; otherwise one of `extra_compares` failed and we still lead.
         """
+        if len(ops) > MAX_TXN_OPS:
+            raise ValueError(f"{len(ops)} operations in one transaction; etcd allows {MAX_TXN_OPS}")
         fence = self.fence
         if not fence:
             return False

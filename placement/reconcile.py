@@ -28,6 +28,8 @@ from placement.copies import Proactive
 
 log = logging.getLogger(__name__)
 
+TXN_CHUNK = 100  # < mesh.kv.etcd.MAX_TXN_OPS, leaving room for the fence compare
+
 
 class Reconciler:
     def __init__(self, controller: Controller, interval_s: float = 5.0, debounce_s: float = 0.05) -> None:
@@ -103,10 +105,16 @@ class Reconciler:
         return deleted
 
     async def _delete(self, instance_id: str, items: list[tuple[str, str]]) -> bool:
+        """Deletes in transactions of at most TXN_CHUNK operations (etcd caps a transaction at
+        128; a dead pod may have held hundreds of models). Deletes are idempotent, so a pass
+        cut short is finished by the next one."""
         keys = self.state.keys
-        ops = [delete_op(keys.assignment(instance_id, model_id)) for model_id, _ in items]
-        if not await self.controller.leader.write(ops):
-            return False
+        for start in range(0, len(items), TXN_CHUNK):
+            chunk = items[start : start + TXN_CHUNK]
+            if not await self.controller.leader.write(
+                [delete_op(keys.assignment(instance_id, model_id)) for model_id, _ in chunk]
+            ):
+                return False
         metrics = self.controller.metrics
         for model_id, reason in items:
             if reason == "overcommit":

@@ -24,6 +24,8 @@ from mesh.settings import CommonSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+# etcd rejects a transaction with more operations than this (--max-txn-ops, default 128).
+MAX_TXN_OPS = 128
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from aetcd.rpc import rpc_pb2
 
 from mesh import types
-from mesh.kv.etcd import Event
+from mesh.kv.etcd import MAX_TXN_OPS, Event
 from mesh.kv.keys import Keys
 from mesh.state import MeshState
 from placement.usage import Usage
@@ -63,6 +63,7 @@ class FakeLeader:
         self.writes: list[list[tuple[str, bytes | None]]] = []
 
     async def write(self, ops: Sequence[rpc_pb2.RequestOp], extra_compares: Sequence[object] = ()) -> bool:
+        assert len(ops) <= MAX_TXN_OPS, f"{len(ops)} ops in one txn: etcd would reject it"
         if not self.is_leader:
             return False
         changes: list[tuple[str, bytes | None]] = []

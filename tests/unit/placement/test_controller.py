@@ -181,3 +181,33 @@ async def test_reconcile_removes_unregistered_dead_and_overcommitted(world: Worl
     deleted = await Reconciler(controller).reconcile_once()
     assert deleted == 3
     assert world.state.assignments == {"a": {"newest": world.state.assignments["a"]["newest"]}}
+
+
+async def test_reconcile_deletes_a_big_dead_pod_in_several_transactions(world: World, controller: Controller) -> None:
+    """Regression: a dead pod with 300 assignments made one 300-op txn, which etcd rejects
+    ("too many operations in txn request", seen in the 1,000-model density run), so the
+    reconcile loop crash-looped and the assignments were never cleared."""
+    world.pod("a", 1 << 40)
+    world.pod("dead", 1 << 40)
+    for i in range(300):
+        world.model(f"m{i}")
+        world.loaded(f"m{i}", "dead", 1)
+    world.kill("dead")
+    deleted = await Reconciler(controller).reconcile_once()
+    assert deleted >= 300
+    assert "dead" not in world.state.assignments
+
+
+async def test_placing_over_many_victims_respects_etcd_txn_limit(world: World, controller: Controller) -> None:
+    """100 tiny models must go to make room for a big one: 2 ops per victim would exceed the
+    128-operation transaction limit, so evictions are written in chunks first."""
+    world.pod("a", 100)
+    for i in range(100):
+        world.model(f"tiny{i}")
+        world.loaded(f"tiny{i}", "a", 1, at_ms=i)
+    world.model("big", size=100)
+    play_pod(world, lambda m, i: (CopyState.LOADED, ""))
+    copies = await controller.ensure_loaded("big", WAIT)
+    assert [c.instance_id for c in copies] == ["a"]
+    assert set(world.state.assignments["a"]) == {"big"}
+    assert len(world.leader.writes) > 1  # several transactions, each within the limit (FakeLeader asserts)
