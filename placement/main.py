@@ -8,14 +8,14 @@ import logging
 import os
 import socket
 
-from mesh import logs
+from mesh import process
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.metrics import serve as serve_metrics
 from mesh.pb.v1 import internal_pb2_grpc
-from mesh.rpc.server import install_stop_signals, make_server
+from mesh.rpc.server import make_server
 from mesh.settings import CommonSettings, PlacementSettings
 from mesh.state import MeshState
 from mesh.tasks import Supervisor
@@ -91,13 +91,4 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
 
 
 def main() -> None:
-    common = CommonSettings()
-    settings = PlacementSettings()
-    logs.setup(common.log_level, "placement")
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        await serve(common, settings, stop, Metrics(service="placement"))
-
-    asyncio.run(run())
+    process.run("placement", PlacementSettings, serve)

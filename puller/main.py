@@ -8,13 +8,12 @@ import logging
 import pathlib
 import socket
 
-from mesh import logs
 from mesh import metrics as metrics_mod
+from mesh import process
 from mesh.clock import Clock, SystemClock
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.metrics import Metrics
-from mesh.rpc.server import install_stop_signals
 from mesh.settings import CommonSettings, RuntimeSettings
 from puller import footprint, gpu
 from puller.agent import Agent, Identity
@@ -94,16 +93,7 @@ def _devices(reserve: int) -> tuple[dict[str, object], ...]:
 
 
 def main() -> None:
-    common = CommonSettings()
-    settings = RuntimeSettings()
-    logs.setup(common.log_level, "runtime")
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        await serve(common, settings, stop, Metrics(service="runtime"))
-
-    asyncio.run(run())
+    process.run("runtime", RuntimeSettings, serve)
 
 
 if __name__ == "__main__":

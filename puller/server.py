@@ -8,11 +8,11 @@ the status wrapping of mesh/rpc/status.py.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 from collections.abc import AsyncIterator
 
 import grpc
 
+from mesh import process
 from mesh.clock import Clock
 from mesh.errors import MeshError, NotFound, Unavailable
 from mesh.metrics import Metrics
@@ -27,14 +27,8 @@ from puller.executor import Executor
 from puller.table import ModelTable
 
 SERVER_NAME = "meshserve-runtime"
-PLATFORM = "onnxruntime_onnx"
+PLATFORM = process.PLATFORM
 
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("meshserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
 
 
 class Inference(pb_grpc.GRPCInferenceServiceServicer):
@@ -43,7 +37,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         self.executor = executor
         self.clock = clock
         self.ready = ready
-        self.version = _version()
+        self.version = process.version()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)

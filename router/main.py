@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mesh import logs
 from mesh import metrics as metrics_mod
+from mesh import process
 from mesh.clock import SystemClock
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.pb.v1 import registry_pb2_grpc
-from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
+from mesh.rpc.server import ChannelPool, make_server
 from mesh.rpc.status import StatusServer
 from mesh.settings import CommonSettings, RouterSettings
 from mesh.state import MeshState
@@ -97,13 +97,4 @@ async def _serving_once_synced(view: View, server: StatusServer) -> None:
 
 
 def main() -> None:
-    common = CommonSettings()
-    settings = RouterSettings()
-    logs.setup(common.log_level, "router")
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        await serve(common, settings, stop, Metrics(service="router"))
-
-    asyncio.run(run())
+    process.run("router", RouterSettings, serve)

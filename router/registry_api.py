@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 
 from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
@@ -21,36 +23,25 @@ _COPY_STATE = {
 }
 
 
+# Scalar fields ModelSpec (domain) and mesh.v1.ModelSpec (wire) share; labels are a map.
+_SPEC_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelSpec)
+    if f.name in types_pb2.ModelSpec.DESCRIPTOR.fields_by_name and f.name != "labels"
+)
+
+
 def spec_from_pb(spec: types_pb2.ModelSpec) -> ModelSpec:
-    return ModelSpec(
-        model_id=spec.model_id,
-        storage_uri=spec.storage_uri,
-        tenant=spec.tenant,
-        format=spec.format,
-        sha256=spec.sha256,
-        labels=dict(spec.labels),
-        min_copies=spec.min_copies,
-        max_copies=spec.max_copies,
-        max_batch_size=spec.max_batch_size,
-        max_queue_delay_us=spec.max_queue_delay_us,
-    )
+    return ModelSpec(**{name: getattr(spec, name) for name in _SPEC_FIELDS}, labels=dict(spec.labels))
+
+
+def spec_to_pb(spec: ModelSpec) -> types_pb2.ModelSpec:
+    return types_pb2.ModelSpec(**{name: getattr(spec, name) for name in _SPEC_FIELDS}, labels=dict(spec.labels))
 
 
 def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
     spec, stats = status.spec, status.stats
     out = types_pb2.ModelStatus(
-        spec=types_pb2.ModelSpec(
-            model_id=spec.model_id,
-            tenant=spec.tenant,
-            storage_uri=spec.storage_uri,
-            format=spec.format,
-            sha256=spec.sha256,
-            labels=dict(spec.labels),
-            min_copies=spec.min_copies,
-            max_copies=spec.max_copies,
-            max_batch_size=spec.max_batch_size,
-            max_queue_delay_us=spec.max_queue_delay_us,
-        ),
+        spec=spec_to_pb(spec),
         state=_MODEL_STATE[status.state],
         copies=[
             types_pb2.CopyStatus(

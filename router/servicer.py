@@ -8,11 +8,10 @@ from the registry and the last measured ModelStats, so it never triggers a load.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 
 import grpc
 
-from mesh import errors
+from mesh import errors, process
 from mesh.state import MeshState
 from router import v2
 from router.forward import Forwarder
@@ -20,14 +19,8 @@ from router.table import RouteTable
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "meshserve"
-PLATFORM = "onnxruntime_onnx"
+PLATFORM = process.PLATFORM
 
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("meshserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
 
 
 class InferenceServicer:
@@ -35,7 +28,7 @@ class InferenceServicer:
         self.state = state
         self.table = table
         self.forwarder = forwarder
-        self._server_metadata = v2.server_metadata_response(SERVER_NAME, _version(), ())
+        self._server_metadata = v2.server_metadata_response(SERVER_NAME, process.version(), ())
 
     async def server_live(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return v2.live_response(True)
