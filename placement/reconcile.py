@@ -28,6 +28,7 @@ from placement.copies import Proactive
 
 log = logging.getLogger(__name__)
 
+FAILED_GRACE_MS = 30_000
 TXN_CHUNK = 100  # < mesh.kv.etcd.MAX_TXN_OPS, leaving room for the fence compare
 
 
@@ -56,15 +57,22 @@ class Reconciler:
                 await self.reconcile_once()
 
     def stale_assignments(self) -> dict[str, list[tuple[str, str]]]:
-        """instance id -> [(model id, reason)] for unregistered models and dead pods."""
+        """instance id -> [(model id, reason)] for unregistered models, dead pods, and copies
+        that FAILED more than FAILED_GRACE_MS ago (EnsureLoaded handles a fresh failure itself;
+        a failed proactive copy would otherwise hold its assignment, and count as a copy,
+        forever)."""
         out: dict[str, list[tuple[str, str]]] = {}
+        now = self.controller.clock.unix_ms()
         for instance_id, models in self.state.assignments.items():
             alive = instance_id in self.state.instances
             for model_id in sorted(models):
+                copy = self.state.copies.get(model_id, {}).get(instance_id)
                 if not alive:
                     out.setdefault(instance_id, []).append((model_id, "dead_pod"))
                 elif model_id not in self.state.models:
                     out.setdefault(instance_id, []).append((model_id, "unregistered"))
+                elif copy is not None and copy.state is CopyState.FAILED and now - copy.updated_unix_ms > FAILED_GRACE_MS:
+                    out.setdefault(instance_id, []).append((model_id, "failed_load"))
         return out
 
     def overcommitted(self) -> list[str]:
@@ -83,6 +91,8 @@ class Reconciler:
     async def reconcile_once(self) -> int:
         """One pass; returns how many assignments it deleted."""
         deleted = 0
+        # Telemetry first: which of a dead pod's models were used recently is read from it.
+        await self.controller.refresh_activity()
         stale_all = self.stale_assignments()
         dead = {i: [m for m, why in items if why == "dead_pod"] for i, items in stale_all.items()}
         replace = self.proactive.recently_used_on_dead_pods(dead)

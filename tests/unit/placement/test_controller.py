@@ -211,3 +211,16 @@ async def test_placing_over_many_victims_respects_etcd_txn_limit(world: World, c
     assert [c.instance_id for c in copies] == ["a"]
     assert set(world.state.assignments["a"]) == {"big"}
     assert len(world.leader.writes) > 1  # several transactions, each within the limit (FakeLeader asserts)
+
+
+async def test_reconcile_clears_a_long_failed_copy_but_not_a_fresh_one(world: World, controller: Controller) -> None:
+    """A FAILED proactive copy used to keep its assignment (and count as a copy) forever."""
+    now = controller.clock.unix_ms()
+    for m in ("stale", "fresh"):
+        world.model(m)
+    world.pod("a", 100)
+    world.loaded("stale", "a", 0, at_ms=now - 60_000, state=CopyState.FAILED, error="bad model")
+    world.loaded("fresh", "a", 0, at_ms=now - 1_000, state=CopyState.FAILED, error="bad model")
+    deleted = await Reconciler(controller).reconcile_once()
+    assert deleted == 1
+    assert set(world.state.assignments["a"]) == {"fresh"}
