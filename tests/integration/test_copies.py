@@ -37,7 +37,7 @@ def test_hot_model_is_copied_survives_a_kill_and_cools(etcd_endpoint: str, model
         assert _infer(client, "hot").shape == (1, 3)
         client.close()
         (first,) = _loaded_on(mesh, "hot")
-        with Load(mesh, "hot", max_requests=3000) as load:
+        with Load(mesh, "hot") as load:  # until stopped: the model stays hot throughout
             _wait(lambda: _loaded_on(mesh, "hot") == ["pod-0", "pod-1"], 30, "hot model never copied")
             decision = _decision(mesh, "hot")
             other = ({"pod-0", "pod-1"} - {first}).pop()
@@ -51,6 +51,7 @@ def test_hot_model_is_copied_survives_a_kill_and_cools(etcd_endpoint: str, model
             mesh.start_pod(int(other[-1]))
             _wait(lambda: _loaded_on(mesh, "hot") == ["pod-0", "pod-1"], 30, "not copied to the restarted pod")
             load.wait_ok(20)
+            print(f"{load.ok} requests served under load")
         assert load.errors == [], load.errors
         # Load stopped: once the rate window passes, the extra copy is dropped (never the last).
         _wait(lambda: len(_loaded_on(mesh, "hot")) == 1, 30, "cooled copy never dropped")

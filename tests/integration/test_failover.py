@@ -45,18 +45,22 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 class Load:
-    """A bounded stream of requests in a thread, recording every failure's status code."""
+    """A stream of requests in a thread, bounded in count and in time, recording every
+    failure's status code."""
 
-    def __init__(self, mesh, model_id: str, max_requests: int = 5000, timeout: float = 30) -> None:
+    def __init__(self, mesh, model_id: str, max_requests: int = 100_000, max_seconds: float = 180,
+                 timeout: float = 30) -> None:
         self.client = triton.InferenceServerClient(mesh.router_address)
         self.model_id, self.max_requests, self.timeout = model_id, max_requests, timeout
+        self.max_seconds = max_seconds
         self.ok, self.errors = 0, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        end = time.monotonic() + self.max_seconds
         for _ in range(self.max_requests):
-            if self._stop.is_set():
+            if self._stop.is_set() or time.monotonic() > end:
                 return
             try:
                 _infer(self.client, self.model_id, self.timeout)
@@ -71,6 +75,7 @@ class Load:
     def wait_ok(self, count: int, timeout: float = 30) -> None:
         target = self.ok + count
         _wait(lambda: self.ok >= target or not self._thread.is_alive(), timeout, "requests stalled")
+        assert self.ok >= target, f"the load ran out ({self.ok} served) before {count} more were served"
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
