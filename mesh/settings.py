@@ -152,6 +152,8 @@ class RuntimeSettings(BaseSettings):
     """Artifacts larger than this are refused."""
     use_gpu: str = "auto"
     """auto: CUDA when a GPU is present; never: CPU only; always: fail without a GPU."""
+    io_binding: str = "auto"
+    """Run requests through onnxruntime IOBinding. auto: on CUDA pods; always; never."""
 
     @field_validator("capacity", "reserve", "cache_bytes", "max_artifact_bytes", mode="before")
     @classmethod

@@ -2,6 +2,13 @@
 
 Everything blocking runs on one ThreadPoolExecutor sized `executor_threads` on purpose: the
 event loop keeps serving while sessions load and run.
+
+On a CUDA pod requests run through IOBinding (MESH_RUNTIME_IO_BINDING=auto): inputs are
+bound from the decoded numpy views (copied to the device once, by onnxruntime), outputs are
+allocated on the device and copied to host once after the run. BYTES tensors cannot live on
+a device, so models with BYTES inputs or outputs run through `session.run`. IOBinding reports
+every failure as a bare RuntimeError, so a failed bound run is repeated once through
+`session.run`, whose typed error tells a rejected input (INVALID_ARGUMENT) from a failure.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class LoadedModel:
     size_bytes: int
     load_ms: int
     bytes_inputs: frozenset[str] = frozenset()  # BYTES inputs: onnxruntime wants str
+    bound: bool = False  # runs through IOBinding (see the module docstring)
 
 
 def _dims(shape: Sequence[object]) -> tuple[int, ...]:
@@ -63,11 +71,29 @@ def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
+def io_binding_for(mode: str, cuda: bool) -> bool:
+    """MESH_RUNTIME_IO_BINDING: auto (on CUDA pods), always, never."""
+    value = mode.strip().lower()
+    if value not in ("auto", "always", "never"):
+        raise MeshError(f"MESH_RUNTIME_IO_BINDING must be auto, always or never, not {mode!r}")
+    return value == "always" or (value == "auto" and cuda)
+
+
 class Executor:
-    def __init__(self, threads: int, intra_op_threads: int, cuda: bool, footprint: Footprint | None = None) -> None:
+    def __init__(
+        self,
+        threads: int,
+        intra_op_threads: int,
+        cuda: bool,
+        footprint: Footprint | None = None,
+        io_binding: bool | None = None,
+    ) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ort")
+        self.threads = threads  # also bounds each batching model's runs in flight (batching.py)
         self.intra_op_threads = intra_op_threads
         self.providers = gpu.providers(cuda)
+        self.io_binding = cuda if io_binding is None else io_binding
+        self.output_device = "cuda" if cuda else "cpu"  # where bound outputs are allocated
         # puller/footprint.py: NVML device memory on a GPU pod, host PSS/RSS otherwise.
         self.footprint = footprint or Footprint(probe_for(cuda, gpu.open_nvml() if cuda else None))
         # Loads are measured one at a time: a delta taken while another session is being
@@ -94,7 +120,9 @@ class Executor:
             log.debug("footprint of %s below measurement resolution; using its file size", model_id)
             size = file_size
         load_ms = int((time.perf_counter() - start) * 1000)
-        return LoadedModel(model_id, session, inputs, outputs, size, load_ms, bytes_inputs)
+        has_bytes = bool(bytes_inputs) or any(s.datatype == "BYTES" for s in outputs.values())
+        bound = self.io_binding and not has_bytes
+        return LoadedModel(model_id, session, inputs, outputs, size, load_ms, bytes_inputs, bound)
 
     def _prime(self) -> None:
         """Pays onnxruntime's one-time process costs (thread pools, allocators, kernels
@@ -148,6 +176,11 @@ class Executor:
         return await loop.run_in_executor(self.pool, self._run, model, feeds, outputs)
 
     def _run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        if model.bound:
+            try:
+                return self._run_bound(model, feeds, outputs)
+            except Exception as exc:  # noqa: BLE001 - repeated below for a typed error
+                log.debug("bound run of %s failed (%s); repeating through session.run", model.model_id, exc)
         for name in model.bytes_inputs:
             feeds[name] = _to_ort_strings(name, feeds[name])
         try:
@@ -156,6 +189,15 @@ class Executor:
             raise InvalidArgument(f"model '{model.model_id}' rejected the input: {exc}") from exc
         except Exception as exc:
             raise MeshError(f"model '{model.model_id}' failed to run: {exc}") from exc
+
+    def _run_bound(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        binding = model.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))  # a view when already contiguous
+        for name in outputs:
+            binding.bind_output(name, self.output_device)
+        model.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
