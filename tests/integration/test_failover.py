@@ -44,6 +44,19 @@ def _wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def _infer_until_served(client: triton.InferenceServerClient, model_id: str, within: float) -> tuple[np.ndarray, list[str]]:
+    """Retries until one request is answered; returns its output and the failures' codes."""
+    errors: list[str] = []
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return _infer(client, model_id, timeout=10), errors
+        except InferenceServerException as exc:
+            errors.append(exc.status())
+            assert time.monotonic() < deadline, f"{model_id} never served: {errors}"
+            time.sleep(0.1)
+
+
 class Load:
     """A stream of requests in a thread, bounded in count and in time, recording every
     failure's status code."""
@@ -112,16 +125,7 @@ def test_single_copy_on_a_killed_pod_is_reloaded(etcd_endpoint: str, model_files
         _infer(client, "once")
         (victim,) = _loaded_on(mesh, "once")
         mesh.kill(victim)
-        errors: list[str] = []
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                out = _infer(client, "once", timeout=10)
-                break
-            except InferenceServerException as exc:
-                errors.append(exc.status())
-                assert time.monotonic() < deadline, f"never served again: {errors}"
-                time.sleep(0.1)
+        out, errors = _infer_until_served(client, "once", within=60)
         assert out.shape == (1, 3)
         assert set(errors) <= RETRYABLE, errors
         survivor = ({"pod-0", "pod-1"} - {victim}).pop()
@@ -154,16 +158,7 @@ def test_placement_leader_killed_a_standby_serves_misses(etcd_endpoint: str, mod
         standby = ({"placement", "placement-b"} - {leader}).pop()
         _wait(lambda: _leader(mesh) == standby, 15, "standby never took over")
         client = triton.InferenceServerClient(mesh.router_address)
-        errors: list[str] = []
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                out = _infer(client, "cold", timeout=10)
-                break
-            except InferenceServerException as exc:
-                errors.append(exc.status())
-                assert time.monotonic() < deadline, f"miss never served: {errors}"
-                time.sleep(0.1)
+        out, errors = _infer_until_served(client, "cold", within=30)
         assert out.shape == (1, 3) and set(errors) <= RETRYABLE, errors
         client.close()
     finally:
