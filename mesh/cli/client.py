@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -39,11 +38,11 @@ def register(channel: grpc.Channel, args: argparse.Namespace) -> int:
     uri = args.storage_uri
     if "://" not in uri:
         uri = pathlib.Path(uri).resolve().as_uri()
-    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     spec = types_pb2.ModelSpec(model_id=args.model_id, storage_uri=uri, sha256=args.sha256,
-                               tenant=args.tenant, labels=labels,
-                               max_batch_size=getattr(args, "max_batch_size", 0),
-                               max_queue_delay_us=getattr(args, "max_queue_delay_us", 0))
+                               tenant=args.tenant, labels=dict(args.label),
+                               min_copies=args.min_copies, max_copies=args.max_copies,
+                               max_batch_size=args.max_batch_size,
+                               max_queue_delay_us=args.max_queue_delay_us)
     _registry(channel).RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=args.timeout)
     print(f"registered {args.model_id} -> {uri}")
     return 0
@@ -81,6 +80,13 @@ def status(channel: grpc.Channel, args: argparse.Namespace) -> int:
     print(f"size:    {_size(m.size_bytes)}   load: {m.load_ms} ms")
     if m.last_error:
         print(f"error:   {m.last_error}")
+    if m.last_decision:
+        print(f"placement: {m.last_decision}")
+    bounds = [f"{name} {value}" for name, value in (
+        ("min copies", m.spec.min_copies), ("max copies", m.spec.max_copies),
+        ("max batch size", m.spec.max_batch_size), ("max queue delay us", m.spec.max_queue_delay_us)) if value]
+    if bounds:
+        print("spec:    " + ", ".join(bounds))
     if m.copies:
         _table(("INSTANCE", "ADDRESS", "STATE", "SIZE", "ERROR"),
                [(c.instance_id, c.address, types_pb2.CopyState.Name(c.state), _size(c.size_bytes), c.error)
@@ -93,7 +99,7 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
     from mesh.pb.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    given = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.input)}
+    given = dict(args.input)
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model_id), timeout=args.timeout)
     request = pb.ModelInferRequest(model_name=args.model_id)
     specs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] or [(n, "FP32", []) for n in given]

@@ -2,7 +2,8 @@
 
     mesh up                         etcd + placement + 2 runtime pods + router + demo models
     mesh router|placement|runtime   one process, configured by MESH_* variables (containers)
-    mesh register ID URI [--sha256 H] [--tenant T] [--label k=v] [--max-batch-size N] [--max-queue-delay-us US]
+    mesh register ID URI [--sha256 H] [--tenant T] [--label k=v] [--min-copies N] [--max-copies N]
+                         [--max-batch-size N] [--max-queue-delay-us US]
     mesh list | status ID | infer ID [--input JSON] | unregister ID
 """
 
@@ -10,6 +11,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"labels are KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _named_json(text: str) -> tuple[str, object]:
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"inputs are NAME=JSON, not {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"input {name!r}: not JSON ({exc})") from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,11 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("storage_uri", help="file:///abs/model.onnx or http(s)://...; a local path is made a file:// URI")
     reg.add_argument("--sha256", default="")
     reg.add_argument("--tenant", default="")
-    reg.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    reg.add_argument("--max-batch-size", type=int, default=0,
-                     help="dynamic batching: at most this many requests per run (0 or 1: off)")
-    reg.add_argument("--max-queue-delay-us", type=int, default=0,
-                     help="dynamic batching: how long a request may wait for others (microseconds)")
+    reg.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
+    reg.add_argument("--min-copies", type=_count, default=0,
+                     help="copies kept loaded at all times (0: loaded on first use only)")
+    reg.add_argument("--max-copies", type=_count, default=0,
+                     help="most copies placement may add for load (0: the mesh's default)")
+    reg.add_argument("--max-batch-size", type=_count, default=0,
+                     help="dynamic batching: at most this many rows per run (0 or 1: off)")
+    reg.add_argument("--max-queue-delay-us", type=_count, default=0,
+                     help="dynamic batching: how long a request may wait for a fuller batch while "
+                          "a run of the model is in progress (microseconds)")
     target(reg)
 
     unreg = sub.add_parser("unregister", help="remove a model and its copies")
@@ -57,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="run inference (random inputs unless --input is given)")
     infer.add_argument("model_id")
-    infer.add_argument("--input", action="append", default=[], metavar="NAME=JSON",
+    infer.add_argument("--input", action="append", default=[], type=_named_json, metavar="NAME=JSON",
                        help='e.g. input=[[1,2,3,4]]; repeat per input')
-    infer.add_argument("--batch", type=int, default=1, help="batch size for random inputs")
+    infer.add_argument("--batch", type=_count, default=1, help="batch size for random inputs")
     target(infer)
     return parser
 

@@ -61,13 +61,19 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
         from mesh import demo
 
         demo.save(demo.linear_model(11), model)
-        reg = mesh_cmd("register", "mine", str(model), "--router", router)
+        reg = mesh_cmd("register", "mine", str(model), "--router", router, "--label", "team=a",
+                       "--max-copies", "2", "--max-batch-size", "8", "--max-queue-delay-us", "100")
         assert reg.returncode == 0, reg.stderr
+        bad = mesh_cmd("register", "other", str(model), "--router", router, "--label", "no-equals-sign")
+        assert bad.returncode == 2 and "labels are KEY=VALUE" in bad.stderr
         dup = mesh_cmd("register", "mine", str(model), "--router", router)
         assert dup.returncode == 1 and "ALREADY_EXISTS" in dup.stderr
         rand = mesh_cmd("infer", "mine", "--router", router, "--batch", "2")  # random input from metadata
         assert rand.returncode == 0, rand.stderr
         assert "output FP32 [2, 3]" in rand.stdout
+        shown = mesh_cmd("status", "mine", "--router", router)
+        assert "max copies 2, max batch size 8, max queue delay us 100" in shown.stdout, shown.stdout
+        assert "placement: placed on pod-" in shown.stdout, shown.stdout
         assert mesh_cmd("unregister", "mine", "--router", router).returncode == 0
         gone = mesh_cmd("status", "mine", "--router", router)
         assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
