@@ -61,7 +61,6 @@ class _Pending:
 @dataclasses.dataclass(eq=False)
 class _Group:
     outputs: list[str]
-    batchable: bool
     pending: collections.deque[_Pending] = dataclasses.field(default_factory=collections.deque)
     rows: int = 0
 
@@ -128,13 +127,12 @@ class Batcher:
         found = group_key(feeds, outputs)
         if found is None or found[1] >= self.max_batch_size:
             key: Hashable = object()  # a group of its own, full from the start
-            rows, fits = self.max_batch_size, False
+            rows = self.max_batch_size
         else:
             key, rows = found
-            fits = True
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(outputs, fits)
+            group = self._groups[key] = _Group(outputs)
         pending = _Pending(feeds, rows, loop.create_future(), loop.time())
         group.pending.append(pending)
         group.rows += rows
@@ -181,7 +179,7 @@ class Batcher:
             if not batch:
                 continue
             self._in_flight += 1
-            task = asyncio.ensure_future(self._run_batch(batch, group.outputs, group.batchable))
+            task = asyncio.ensure_future(self._run_batch(batch, group.outputs))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -201,7 +199,7 @@ class Batcher:
             rows += p.rows
         return batch
 
-    async def _run_batch(self, batch: list[_Pending], outputs: list[str], fits: bool) -> None:
+    async def _run_batch(self, batch: list[_Pending], outputs: list[str]) -> None:
         try:
             self.metrics.batch_size.observe(len(batch))
             if len(batch) == 1:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -21,8 +22,6 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def _named_json(text: str) -> tuple[str, object]:
-    import json
-
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"inputs are NAME=JSON, not {text!r}")
