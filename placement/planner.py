@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Collection, Iterable
 
 from mesh.errors import NoCapacity, Unavailable
+from mesh.units import format_bytes
 from placement.policy import Rules
 
 
@@ -155,10 +156,10 @@ def plan(
     fitting = [p for p in candidates if p.free_bytes >= predicted_bytes]
     if fitting:
         best = min(fitting, key=lambda p: (-p.free_bytes, p.instance_id))
+        needs = f"model needs {format_bytes(predicted_bytes)}" if predicted_bytes else "model size not known before its first load"
         return Plan(
             best.instance_id,
-            reason=f"most free capacity ({best.free_bytes} of {best.capacity_bytes} bytes free, "
-            f"model needs {predicted_bytes})",
+            reason=f"most free capacity ({format_bytes(best.free_bytes)} of {format_bytes(best.capacity_bytes)} free, {needs})",
         )
 
     if not evict:
