@@ -171,7 +171,9 @@ class Agent:
     async def _load(self, model_id: str, assignment: Assignment) -> None:
         try:
             self._set_copy(model_id, CopyState.LOADING)
-            await self._sync_copy(model_id)
+            # Written beside the load, not before it: per-model writes are serialised and each
+            # writes the record as it is then, so LOADING can never land after LOADED.
+            self._spawn(self._sync_copy(model_id))
             artifact = await self.cache.acquire(assignment.storage_uri, assignment.sha256)
             try:
                 await self._await_room(assignment.predicted_bytes)
@@ -247,11 +249,15 @@ class Agent:
                 self.metrics.unload_seconds.observe(time.perf_counter() - start)
                 log.info("unloaded model %s", model_id)
             self._copies.pop(model_id, None)
-            await self._sync_copy(model_id)
-            await self._sync_instance()
+            # The memory is free now: loads waiting in _await_room go on while etcd is told.
+            self._spawn(self._sync_unloaded(model_id))
         finally:
             self._unloading.pop(model_id, None)
             self._wake.set()  # it may have been re-assigned meanwhile
+
+    async def _sync_unloaded(self, model_id: str) -> None:
+        await self._sync_copy(model_id)
+        await self._sync_instance()
 
     # -- writing etcd -------------------------------------------------------------------------
 

@@ -66,13 +66,28 @@ class MissHandler:
         start = time.perf_counter()
         try:
             async with asyncio.timeout_at(deadline):
-                await self.flights.do(model_id, lambda: self._load(model_id))
-                await self.state.wait_for(lambda: self.table.ready(model_id), None)
+                await self._load_or_ready(model_id)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"model '{model_id}' was not ready before the deadline; it may still be loading, retry"
             ) from None
         m.cache_miss_seconds.labels(m.service).observe(time.perf_counter() - start)
+
+    async def _load_or_ready(self, model_id: str) -> None:
+        """Asks placement (shared flight) and watches this router's own table at once: the copy
+        is routable as soon as the table has it, often before placement's answer arrives.
+        Placement's error still wins while no copy is ready."""
+        flight = asyncio.ensure_future(self.flights.do(model_id, lambda: self._load(model_id)))
+        ready = asyncio.ensure_future(self.state.wait_for(lambda: self.table.ready(model_id), None))
+        try:
+            done, _ = await asyncio.wait({flight, ready}, return_when=asyncio.FIRST_COMPLETED)
+            if ready not in done:
+                flight.result()  # placement's error, raised here
+                await ready
+        finally:
+            for task in (flight, ready):
+                task.cancel()  # the shared load goes on for its other waiters (shielded)
+            await asyncio.gather(flight, ready, return_exceptions=True)
 
     async def _load(self, model_id: str) -> None:
         loop = asyncio.get_running_loop()
