@@ -3,6 +3,7 @@ likewise, a unique key root per test so tests never see each other's state."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import subprocess
 import uuid
@@ -13,15 +14,27 @@ import pytest
 from mesh.cli import procs
 
 
-@pytest.fixture(scope="session")
-def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    base = tmp_path_factory.mktemp("etcd")
+@contextlib.contextmanager
+def _etcd(base: pathlib.Path) -> Iterator[str]:
     client, peer = procs.free_port(), procs.free_port()
     proc = procs.start_etcd(base / "data", client, peer, base / "etcd.log")
     try:
         yield f"127.0.0.1:{client}"
     finally:
         procs.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _etcd(tmp_path_factory.mktemp("etcd")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def private_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An etcd of the module's own, for tests that compact it or otherwise disturb others."""
+    with _etcd(tmp_path_factory.mktemp("etcd-private")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -7,26 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from mesh.cli import procs
 from mesh.kv.etcd import Compacted, EtcdClient, Event
 from mesh.kv.view import View
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def own_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    base = tmp_path_factory.mktemp("etcd-view")
-    client, peer = procs.free_port(), procs.free_port()
-    proc = procs.start_etcd(base / "data", client, peer, base / "etcd.log")
-    try:
-        yield f"127.0.0.1:{client}"
-    finally:
-        procs.stop(proc)
 
 
 @pytest.fixture
@@ -39,7 +26,7 @@ async def _fresh(client: EtcdClient, prefix: str) -> dict[str, int]:
     return {kv.key: kv.mod_revision for kv in kvs}
 
 
-def test_frozen_view_converges_after_a_thousand_changes_and_a_compaction(own_etcd: str, prefix: str) -> None:
+def test_frozen_view_converges_after_a_thousand_changes_and_a_compaction(private_etcd: str, prefix: str) -> None:
     """The view's event loop is blocked (a listener that waits, like a paused process) while
     1,000 changes are written (puts, overwrites, deletes of keys it had seen) and etcd is
     compacted past them; once it runs again its cache equals a fresh list of etcd, whichever
@@ -61,7 +48,7 @@ def test_frozen_view_converges_after_a_thousand_changes_and_a_compaction(own_etc
     state: dict[str, object] = {}
 
     async def view_main(ready: threading.Event) -> None:
-        client = EtcdClient([own_etcd], timeout=5)
+        client = EtcdClient([private_etcd], timeout=5)
         view = View(client, prefix)
         view.subscribe(listener)
         state["view"] = view
@@ -95,7 +82,7 @@ def test_frozen_view_converges_after_a_thousand_changes_and_a_compaction(own_etc
                 await asyncio.sleep(0.02)
 
     async def drive() -> tuple[dict[str, int], set[str]]:
-        client = EtcdClient([own_etcd], timeout=10)
+        client = EtcdClient([private_etcd], timeout=10)
         try:
             for i in range(100):
                 await client.put(f"{prefix}old/{i:03d}", b"v0")
@@ -133,9 +120,9 @@ def test_frozen_view_converges_after_a_thousand_changes_and_a_compaction(own_etc
         runner.join(10)
 
 
-def test_compacted_start_revision_raises_and_the_relist_reports_deletes(own_etcd: str, prefix: str) -> None:
+def test_compacted_start_revision_raises_and_the_relist_reports_deletes(private_etcd: str, prefix: str) -> None:
     async def main() -> None:
-        client = EtcdClient([own_etcd], timeout=5)
+        client = EtcdClient([private_etcd], timeout=5)
         try:
             await client.put(prefix + "a", b"1")
             await client.put(prefix + "b", b"1")
@@ -170,12 +157,12 @@ def test_compacted_start_revision_raises_and_the_relist_reports_deletes(own_etcd
     asyncio.run(main())
 
 
-def test_replayed_events_apply_at_most_once(own_etcd: str, prefix: str) -> None:
+def test_replayed_events_apply_at_most_once(private_etcd: str, prefix: str) -> None:
     """Replaying a window of 67 already-applied events (a watch resumed too far back, as
     after a lost response) changes nothing."""
 
     async def main() -> None:
-        client = EtcdClient([own_etcd], timeout=5)
+        client = EtcdClient([private_etcd], timeout=5)
         try:
             view = View(client, prefix)
             task = asyncio.ensure_future(view.run())
