@@ -18,11 +18,14 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
+
+from aetcd.rpc import rpc_pb2
 
 from mesh import types
 from mesh.clock import Clock
 from mesh.errors import MeshError
-from mesh.kv.etcd import EtcdClient, Event, Lease
+from mesh.kv.etcd import EtcdClient, Event, Lease, delete_op, put_op
 from mesh.kv.keys import Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
@@ -30,7 +33,7 @@ from mesh.tasks import Supervisor
 from mesh.types import Assignment, CopyRecord, CopyState, InstanceRecord, ModelStats
 from puller import batching
 from puller.cache import ArtifactCache
-from puller.executor import Executor, LoadedModel
+from puller.executor import Executor
 from puller.table import ModelTable, Served
 
 log = logging.getLogger(__name__)
@@ -201,10 +204,18 @@ class Agent:
         )
         self.table.add(Served(model, artifact.key, self.clock.unix_ms(), batcher=batcher))
         log.info("loaded model %s (%d bytes, %d ms)", model_id, model.size_bytes, model.load_ms)
-        # Stats (the measured size) first: whoever sees the copy LOADED sees its size too.
-        await self._put_stats(model_id, model=model)
+        # Stats (the measured size) in the same transaction: whoever sees the copy LOADED sees
+        # its size too. A successful load sets every stats field (and clears a stale error),
+        # so nothing is read first.
+        stats = ModelStats(
+            model_id=model_id,
+            size_bytes=model.size_bytes,
+            load_ms=model.load_ms,
+            inputs=tuple(s.as_dict() for s in model.inputs.values()),
+            outputs=tuple(s.as_dict() for s in model.outputs.values()),
+        )
         self._set_copy(model_id, CopyState.LOADED, size_bytes=model.size_bytes, load_ms=model.load_ms)
-        await self._sync_copy(model_id)
+        await self._sync_copy(model_id, also=[put_op(self.keys.stats(model_id), types.encode(stats))])
         await self._sync_instance()
         self._wake.set()  # the assignment may have gone meanwhile
 
@@ -219,7 +230,7 @@ class Agent:
         self._failed[model_id] = assignment
         self._set_copy(model_id, CopyState.FAILED, error=reason)
         await self._sync_copy(model_id)
-        await self._put_stats(model_id, error=reason)
+        await self._put_error(model_id, reason)
         self._wake.set()
 
     async def _await_room(self, predicted_bytes: int) -> None:
@@ -275,14 +286,18 @@ class Agent:
         assert self.lease is not None
         return self.lease.id
 
-    async def _sync_copy(self, model_id: str) -> None:
-        """Writes the model's current copy record, or deletes it when there is none."""
+    async def _sync_copy(self, model_id: str, also: Sequence[rpc_pb2.RequestOp] = ()) -> None:
+        """Writes the model's current copy record, or deletes it when there is none (with the
+        operations in `also`, in one transaction)."""
         key = self.keys.copy(model_id, self.identity.instance_id)
         lock = self._copy_locks[model_id]
         async with lock:
             record = self._copies.get(model_id)
             try:
-                if record is None:
+                if also:
+                    own = delete_op(key) if record is None else put_op(key, types.encode(record), self._lease_id())
+                    await self.client.txn([], [*also, own])
+                elif record is None:
                     await self.client.delete(key)
                 else:
                     await self.client.put(key, types.encode(record), lease=self._lease_id())
@@ -313,7 +328,8 @@ class Agent:
             except MeshError as exc:
                 log.warning("could not write instance record: %s", exc)
 
-    async def _put_stats(self, model_id: str, model: LoadedModel | None = None, error: str = "") -> None:
+    async def _put_error(self, model_id: str, error: str) -> None:
+        """Records a failed load in the model's stats, keeping what earlier loads measured."""
         key = self.keys.stats(model_id)
         try:
             current = await self.client.get(key)
@@ -323,18 +339,7 @@ class Agent:
                     stats = types.decode(ModelStats, current.value)
                 except ValueError:
                     pass
-            if model is not None:
-                stats = dataclasses.replace(
-                    stats,
-                    size_bytes=model.size_bytes,
-                    load_ms=model.load_ms,
-                    inputs=tuple(s.as_dict() for s in model.inputs.values()),
-                    outputs=tuple(s.as_dict() for s in model.outputs.values()),
-                    last_error="",  # the latest load worked: status shows no stale failure
-                    last_error_unix_ms=0,
-                )
-            if error:
-                stats = dataclasses.replace(stats, last_error=error, last_error_unix_ms=self.clock.unix_ms())
+            stats = dataclasses.replace(stats, last_error=error, last_error_unix_ms=self.clock.unix_ms())
             await self.client.put(key, types.encode(stats))
         except MeshError as exc:
             log.warning("could not write stats of %s: %s", model_id, exc)
