@@ -82,6 +82,8 @@ class Agent:
         self._unloading: dict[str, asyncio.Task[None]] = {}
         self._failed: dict[str, Assignment] = {}  # not retried until the assignment changes
         self._copies: dict[str, CopyRecord] = {}
+        # One per model this pod has held, kept: dropping an idle one could let a writer queued
+        # on it run beside a writer on its replacement (a lock is a few hundred bytes).
         self._copy_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._instance_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -303,8 +305,6 @@ class Agent:
                     await self.client.put(key, types.encode(record), lease=self._lease_id())
             except MeshError as exc:
                 log.warning("could not write copy record of %s: %s", model_id, exc)
-        if model_id not in self._copies and not lock.locked():
-            self._copy_locks.pop(model_id, None)
 
     async def _sync_instance(self) -> None:
         async with self._instance_lock:
