@@ -71,14 +71,6 @@ def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
-def io_binding_for(mode: str, cuda: bool) -> bool:
-    """MESH_RUNTIME_IO_BINDING: auto (on CUDA pods), always, never."""
-    value = mode.strip().lower()
-    if value not in ("auto", "always", "never"):
-        raise MeshError(f"MESH_RUNTIME_IO_BINDING must be auto, always or never, not {mode!r}")
-    return value == "always" or (value == "auto" and cuda)
-
-
 class Executor:
     def __init__(
         self,
@@ -94,7 +86,7 @@ class Executor:
         self.providers = gpu.providers(cuda)
         self.io_binding = cuda if io_binding is None else io_binding
         self.output_device = "cuda" if cuda else "cpu"  # where bound outputs are allocated
-        # puller/footprint.py: NVML device memory on a GPU pod, host PSS/RSS otherwise.
+        # puller/footprint.py: NVML device memory on a GPU pod, heap bytes in use otherwise.
         self.footprint = footprint or Footprint(probe_for(cuda, gpu.open_nvml() if cuda else None))
         # Loads are measured one at a time: a delta taken while another session is being
         # created would count both. Waiting here (not in Footprint's lock) keeps pool threads

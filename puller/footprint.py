@@ -12,8 +12,9 @@
              of its CPU memory arena (about 1 MiB per session, reserved for intermediate
              tensors and resident once runs use it), which a page-level figure (PSS) only
              counts once touched: for tiny models the heap figure is ~1 MiB higher, for large
-             ones the two agree within a few percent. Where mallinfo2 is missing (not glibc), the process's PSS (RSS where
-             smaps_rollup is unreadable) read right after malloc_trim(0) instead. (The trim is
+             ones the two agree within a few percent. Where mallinfo2 is missing (not glibc):
+             the process's PSS (RSS where smaps_rollup is unreadable) read right after
+             malloc_trim(0) instead. (The trim is
              the costly part: it hands freed pages back, so the next session creation faults
              them in again - about 16 ms per 8 MiB model here, which is why it is the fallback.)
 

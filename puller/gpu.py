@@ -70,16 +70,27 @@ def open_nvml() -> Any | None:
         return None
 
 
+def _mode(setting: str, value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in (AUTO, NEVER, ALWAYS):
+        raise MeshError(f"{setting} must be auto, never or always, not {value!r}")
+    return mode
+
+
 def use_cuda(use_gpu: str, info: GpuInfo) -> bool:
     """Whether sessions should run on CUDA; raises when `always` is asked without a GPU."""
-    mode = use_gpu.strip().lower()
-    if mode not in (AUTO, NEVER, ALWAYS):
-        raise MeshError(f"MESH_RUNTIME_USE_GPU must be auto, never or always, not {use_gpu!r}")
+    mode = _mode("MESH_RUNTIME_USE_GPU", use_gpu)
     if mode == NEVER:
         return False
     if mode == ALWAYS and not info.present:
         raise MeshError("MESH_RUNTIME_USE_GPU=always but no NVIDIA GPU was found")
     return info.present
+
+
+def use_io_binding(io_binding: str, cuda: bool) -> bool:
+    """MESH_RUNTIME_IO_BINDING: auto (on CUDA pods), always, never."""
+    mode = _mode("MESH_RUNTIME_IO_BINDING", io_binding)
+    return mode == ALWAYS or (mode == AUTO and cuda)
 
 
 def providers(cuda: bool) -> list[str]:

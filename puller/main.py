@@ -18,7 +18,7 @@ from mesh.settings import CommonSettings, RuntimeSettings
 from puller import footprint, gpu
 from puller.agent import Agent, Identity
 from puller.cache import ArtifactCache
-from puller.executor import Executor, io_binding_for
+from puller.executor import Executor
 from puller.server import build_server
 from puller.storage import providers
 from puller.table import ModelTable
@@ -51,7 +51,7 @@ async def serve(
     device = f"cuda:0 {info.name}".strip() if cuda else "cpu"
 
     table = ModelTable()
-    io_binding = io_binding_for(settings.io_binding, cuda)
+    io_binding = gpu.use_io_binding(settings.io_binding, cuda)
     executor = Executor(settings.executor_threads, settings.intra_op_threads, cuda, io_binding=io_binding)
     cache = ArtifactCache(pathlib.Path(settings.cache_dir), settings.cache_bytes, providers(settings), metrics)
     ready = asyncio.Event()

@@ -104,9 +104,9 @@ async def test_bytes_models_are_not_bound(bound: Executor, tmp_path: pathlib.Pat
 
 def test_io_binding_setting() -> None:
     from mesh.errors import MeshError
-    from puller.executor import io_binding_for
+    from puller.gpu import use_io_binding
 
-    assert io_binding_for("auto", cuda=True) and not io_binding_for("auto", cuda=False)
-    assert io_binding_for("Always", cuda=False) and not io_binding_for("never", cuda=True)
-    with pytest.raises(MeshError, match="auto, always or never"):
-        io_binding_for("sometimes", cuda=False)
+    assert use_io_binding("auto", cuda=True) and not use_io_binding("auto", cuda=False)
+    assert use_io_binding("Always", cuda=False) and not use_io_binding("never", cuda=True)
+    with pytest.raises(MeshError, match="MESH_RUNTIME_IO_BINDING must be auto, never or always"):
+        use_io_binding("sometimes", cuda=False)
