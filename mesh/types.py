@@ -18,6 +18,7 @@ T = TypeVar("T")
 class CopyState(enum.StrEnum):
     LOADING = "LOADING"
     LOADED = "LOADED"
+    UNLOADING = "UNLOADING"  # leaving: still holds memory, serves nothing new
     FAILED = "FAILED"
 
 
@@ -36,6 +37,7 @@ class ModelSpec:
     max_copies: int = 0  # 0: placement's default maximum
     max_batch_size: int = 0  # dynamic batching off when 0 or 1
     max_queue_delay_us: int = 0
+    artifact_bytes: int = 0  # size of the artifact when known at registration (0: unknown)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,7 @@ class InstanceRecord:
     started_unix_ms: int = 0
     # GPU pods: every GPU / MIG slice, {"index", "name", "total_bytes", "capacity_bytes"}.
     devices: tuple[Mapping[str, object], ...] = ()
+    draining: bool = False  # SIGTERM'd: place nothing here, make its models ready elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class CopyRecord:
     load_ms: int = 0
     error: str = ""
     updated_unix_ms: int = 0
+    measure_method: str = ""  # how size_bytes was measured (e.g. "rss", "nvml-pid", "nvml-device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,8 @@ class ModelStats:
     # answer ModelMetadata for a model that is not loaded.
     inputs: tuple[Mapping[str, object], ...] = ()
     outputs: tuple[Mapping[str, object], ...] = ()
+    artifact_bytes: int = 0  # size of the pulled artifact (placement's prior: artifact x ratio)
+    measure_method: str = ""  # how size_bytes was measured (see CopyRecord)
 
 
 @dataclasses.dataclass(frozen=True)
