@@ -1,7 +1,8 @@
 """Cache-miss latency: time to first response for a model already on the pod's disk, against
 onnxruntime's own session creation + first run of the same file, measured in the same run.
 
-    python bench/miss.py [--models 12] [--room 3] [--rounds 4] [--weight-mib 8]
+    python bench/miss.py [--models 12] [--room 3] [--rounds 4] [--weight-mib 8] [--redis]
+                         [--env MESH_PLACEMENT_DIRECT_LOAD=false ...]
 
 One runtime pod with room for `--room` of `--models` equally sized models (sized from one
 measured load); requests go through the router with tritonclient, one at a time, cycling over
@@ -10,12 +11,16 @@ the pod's disk cache (the eviction of the oldest model is on the path, as in a f
 Round 1 pulls every artifact (file:// copy into the cache) and is reported apart. The baseline
 is `ort.InferenceSession(path)` + one `run` in this process with the pod's session options.
 Also checks that no artifact is pulled twice (the pod's artifact-miss counter = models).
+`--env` passes settings to every process of the mesh (e.g. MESH_PLACEMENT_DIRECT_LOAD=false
+for the etcd-only miss path), `--redis` runs it with router telemetry. The machine's load
+average is printed with the figures: on a shared box they move with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pathlib
 import statistics
 import sys
@@ -112,7 +117,11 @@ def main() -> None:
     ap.add_argument("--room", type=int, default=3, help="models that fit on the pod at once")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--weight-mib", type=float, default=8.0)
+    ap.add_argument("--redis", action="store_true", help="run with router telemetry (a Redis child)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every mesh process (repeatable)")
     args = ap.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
     import tritonclient.grpc as triton
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,14 +145,15 @@ def main() -> None:
         print(f"{args.models} models of {args.weight_mib:g} MiB weights, measured footprint {size / MiB:.1f} MiB; "
               f"pod capacity {capacity / MiB:.1f} MiB (room for {args.room})")
 
-        mesh = LocalMesh(state_dir=folder / "mesh", pods=1, capacity=str(capacity)).start(timeout=90)
+        mesh = LocalMesh(state_dir=folder / "mesh", pods=1, capacity=str(capacity), env=env,
+                         redis=args.redis).start(timeout=90)
         try:
             for i, path in enumerate(paths):
                 mesh.register(f"m{i}", path)
             client = triton.InferenceServerClient(mesh.router_address)
             timeline = Timeline(mesh.etcd, mesh.root)
             rounds: list[list[float]] = []
-            phases: list[tuple[float, float, float, float]] = []
+            phases: list[tuple[float, float, float, float, float]] = []
             errors = 0
             before = mesh.scrape("router")
             for r in range(args.rounds):
@@ -162,7 +172,8 @@ def main() -> None:
                     stamps = [timeline.seen.get((f"m{i}", s)) for s in ("assigned", "LOADING", "LOADED")]
                     if r > 0 and all(stamps):
                         a, b, c = stamps  # type: ignore[misc]
-                        phases.append(((a - start) * 1000, (b - a) * 1000, (c - b) * 1000, (end - c) * 1000))
+                        phases.append(((a - start) * 1000, (b - a) * 1000, (c - b) * 1000, (end - b) * 1000,
+                                       (end - c) * 1000))
                 rounds.append(lat)
             after = mesh.scrape("router")
             pod = mesh.scrape("pod-0")
@@ -171,6 +182,7 @@ def main() -> None:
         finally:
             mesh.stop()
         base = baseline_ms(paths, 3)  # after the mesh stopped: the same idle machine
+    load_avg = os.getloadavg()
 
     hits = after.get('mesh_cache_hits_total{service="router"}', 0) - before.get('mesh_cache_hits_total{service="router"}', 0)
     misses = after.get('mesh_cache_misses_total{service="router"}', 0) - before.get('mesh_cache_misses_total{service="router"}', 0)
@@ -189,13 +201,17 @@ def main() -> None:
     print(f"onnxruntime create + first run: p50 {statistics.median(base):7.1f} ms  p99 {pct(base, 0.99):7.1f} ms")
     print(f"router's own miss time (miss seen -> ready copy in its table), mean: {router_miss_ms:.1f} ms")
     if phases:
-        names = ("request -> assignment written", "assignment -> copy LOADING", "LOADING -> LOADED (pod load)",
-                 "LOADED -> response")
+        # The response may come before the LOADED record reaches etcd (placement's direct
+        # Load answers as the copy serves): the last phase is then negative.
+        names = ("request -> assignment written", "assignment -> copy LOADING", "LOADING -> LOADED in etcd",
+                 "LOADING -> response", "LOADED in etcd -> response")
         print("miss phases (medians, as seen by an etcd watch in this process):")
         for k, name in enumerate(names):
-            print(f"  {name:<32} {statistics.median(p[k] for p in phases):7.1f} ms")
+            print(f"  {name:<32} {statistics.median(p[k] for p in phases):+7.1f} ms")
     print(f"miss minus onnxruntime (p50):   {statistics.median(cached) - statistics.median(base):+7.1f} ms   "
           f"ratio {statistics.median(cached) / statistics.median(base):.2f}x")
+    print(f"load average at the end (1/5/15 min): {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}; "
+          f"settings: {' '.join(args.env) or 'defaults'}{' +redis' if args.redis else ''}")
 
 
 if __name__ == "__main__":

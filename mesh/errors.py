@@ -53,12 +53,28 @@ class Unavailable(MeshError):
     kind = Kind.UNAVAILABLE
 
 
+class LeaseNotFound(Unavailable):
+    """etcd no longer has the lease a write or renewal named (it expired or was revoked):
+    nothing was written; grant a new lease and write again."""
+
+
 class LoadFailed(MeshError):
     kind = Kind.FAILED_PRECONDITION
 
 
 class NoCapacity(MeshError):
     kind = Kind.RESOURCE_EXHAUSTED
+
+
+class Overloaded(MeshError):
+    """Shed: a bounded queue is full. The caller sees RESOURCE_EXHAUSTED with
+    `retry_after_ms` as the grpc-retry-pushback-ms trailing metadata (mesh/rpc/status.py)."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = max(1, int(retry_after_ms))
 
 
 class Conflict(MeshError):

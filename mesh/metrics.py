@@ -6,6 +6,8 @@ lives in GetModel status.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -43,7 +45,7 @@ class Metrics:
             "runtime = pull time.", ["service"], buckets=_LATENCY, registry=r,
         )
         self.forward_retries = Counter(
-            "mesh_forward_retries_total", "Requests re-sent to another copy after UNAVAILABLE.",
+            "mesh_forward_retries_total", "Requests re-sent to another copy after UNAVAILABLE or an attempt timeout.",
             registry=r,
         )
         self.loads = Counter(
@@ -68,6 +70,11 @@ class Metrics:
         self.placements = Counter(
             "mesh_placements_total", "Assignments written by placement, by result.", ["result"],
             registry=r,
+        )
+        self.direct_loads = Counter(
+            "mesh_direct_loads_total", "Placement's direct Runtime/Load calls after writing an "
+            "assignment, by outcome (loaded: answered with the ready copy; no_answer: the pod gave "
+            "no copy, etcd's report was awaited).", ["outcome"], registry=r,
         )
         self.capacity_bytes = Gauge(
             "mesh_pod_capacity_bytes", "Model memory this runtime pod offers.", registry=r,
@@ -108,14 +115,51 @@ class Metrics:
             "mesh_load_waits_total", "Loads that waited for unloads to free memory first "
             "(the unload buffer).", registry=r,
         )
+        self.unsynced_records = Gauge(
+            "mesh_pod_unsynced_records", "Records of this pod (copies, stats, instance) etcd "
+            "may not agree with yet: changed and not written, or written and failed (resync).",
+            registry=r,
+        )
+        self.record_write_failures = Counter(
+            "mesh_pod_record_write_failures_total", "Failed etcd writes of this pod's records "
+            "(each is retried until etcd takes it).", registry=r,
+        )
+        self.ejections = Counter(
+            "mesh_router_ejections_total", "Pods a router left out of picks after consecutive "
+            "unreachable / timed-out attempts (outlier ejection).", registry=r,
+        )
+        self.shed = Counter(
+            "mesh_shed_total", "Requests answered without running them, by reason: model_queue / "
+            "pod_queue (RESOURCE_EXHAUSTED, a runtime pod's queue full), rpc_limit "
+            "(RESOURCE_EXHAUSTED, max concurrent RPCs), pod_cap (RESOURCE_EXHAUSTED at a router: every "
+            "ready copy at MESH_ROUTER_MAX_IN_FLIGHT_PER_POD), deadline (DEADLINE_EXCEEDED: expired, or "
+            "the queue would outlast it).", ["service", "reason"], registry=r,
+        )
         self.routes = Gauge(
             "mesh_router_ready_models", "Models with at least one ready copy in the route table.",
             registry=r,
         )
+        self.asyncio_tasks = Gauge(
+            "mesh_asyncio_tasks", "asyncio tasks alive in this process's event loop (leak checks: "
+            "flat under steady load).", registry=r,
+        )
 
 
 def serve(metrics: Metrics, host: str, port: int) -> None:
-    """Serves /metrics on host:port in a daemon thread (0 turns it off)."""
+    """Serves /metrics on host:port in a daemon thread (0 turns it off). Called from the
+    process's event loop, whose task count mesh_asyncio_tasks then reports."""
+    with contextlib.suppress(RuntimeError):
+        loop = asyncio.get_running_loop()
+        metrics.asyncio_tasks.set_function(lambda: _task_count(loop))
     if port:
         start_http_server(port, addr=host, registry=metrics.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+def _task_count(loop: asyncio.AbstractEventLoop) -> int:
+    """Tasks of `loop`, read from the metrics thread (all_tasks copies the set; a race with the
+    loop adding a task is retried)."""
+    for _ in range(5):
+        with contextlib.suppress(RuntimeError):
+            return len(asyncio.all_tasks(loop))
+    return -1

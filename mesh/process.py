@@ -1,10 +1,12 @@
 """What every process's main() does: settings from the environment, logging, stop signals,
-then its serve() until SIGINT/SIGTERM. Also the version every server reports."""
+then its serve() until SIGINT/SIGTERM. Also the version every server reports, and the bounded,
+logged shutdown step every process's shutdown is made of."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,6 +18,10 @@ from mesh.rpc.server import install_stop_signals
 from mesh.settings import CommonSettings
 
 S = TypeVar("S", bound=BaseSettings)
+
+log = logging.getLogger(__name__)
+
+STEP_S = 5.0  # default bound of one shutdown step
 
 # The V2 platform string every meshserve server reports for its models.
 PLATFORM = "onnxruntime_onnx"
@@ -43,3 +49,21 @@ def run(
         await serve(common, settings, stop, Metrics(service=name))
 
     asyncio.run(main())
+
+
+async def shutdown_step(what: str, aw: Awaitable[object], timeout_s: float = STEP_S) -> bool:
+    """One step of a shutdown, bounded by `timeout_s`; a failure or a timeout is logged (with
+    what it was) and the shutdown goes on with its next step. True when the step succeeded.
+
+    Steps are awaited one by one, each on its own: one failing never skips the next (a failed
+    health update must not skip stopping the server, nor a slow server stop the lease revoke).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await aw
+        return True
+    except TimeoutError:
+        log.error("shutdown: %s took longer than %.1fs; going on", what, timeout_s)
+    except Exception:
+        log.exception("shutdown: %s failed; going on", what)
+    return False

@@ -58,11 +58,35 @@ class RouterSettings(BaseSettings):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest request or response message, bytes."""
     max_concurrent_rpcs: int = Field(default=1000, ge=1)
-    """RPCs beyond this are rejected at once with RESOURCE_EXHAUSTED."""
+    """RPCs in progress beyond this are shed at once with RESOURCE_EXHAUSTED and a
+    grpc-retry-pushback-ms hint (a stream counts as one RPC)."""
     default_deadline_s: float = Field(default=60.0, gt=0)
     """Deadline applied when the caller set none (includes a cold load)."""
     forward_attempts: int = Field(default=3, ge=1, le=10)
     """Copies tried for one request when a copy answers UNAVAILABLE."""
+    attempt_timeout_s: float = Field(default=1.0, gt=0)
+    """Longest one forwarding attempt may take while another copy is left to try: an attempt
+    cut short by it is retried on that copy (ModelInfer is idempotent). The last copy left
+    gets the caller's whole remaining deadline (a first request after a load may be slow)."""
+    eject_after_failures: int = Field(default=3, ge=1)
+    """Consecutive unreachable / timed-out attempts to a pod after which this router stops
+    picking it (outlier ejection); one success resets the count. An attempt does not count
+    when the pod answered any request since it started (slow or shedding, but alive)."""
+    max_in_flight_per_pod: int = Field(default=256, ge=1, le=65536)
+    """Requests this router has in flight to one pod at most; a copy at it is not picked, and a
+    request whose every ready copy is at it is shed at once with RESOURCE_EXHAUSTED and a
+    grpc-retry-pushback-ms hint (rather than queueing in the pod's saturated event loop)."""
+    ejection_s: float = Field(default=5.0, gt=0)
+    """How long an ejected pod is left out of picks the first time; each ejection in a row
+    doubles it (up to ejection_max_s). A re-admitted pod that fails again before answering is
+    ejected again at once."""
+    ejection_max_s: float = Field(default=60.0, gt=0)
+    """Longest ejection."""
+    leader_wait_s: float = Field(default=3.0, gt=0)
+    """How long a miss waits for a reachable placement leader before failing UNAVAILABLE
+    (rather than using up the caller's whole deadline). While an unreachable leader is still
+    recorded in etcd (paused, partitioned) it waits MESH_LEASE_TTL_S longer: the record lapses
+    within the TTL and a standby takes over."""
     stream_window: int = Field(default=64, ge=1, le=4096)
     """ModelStreamInfer messages of one stream forwarded concurrently (answers stay in order)."""
     allowed_schemes: str = "file,http,https"
@@ -71,6 +95,14 @@ class RouterSettings(BaseSettings):
     """Comma-separated folders file:// URIs must lie under; empty accepts any absolute path."""
     telemetry_flush_s: float = Field(default=1.0, gt=0, le=60)
     """How often this router flushes its batched usage counts to Redis (MESH_REDIS_URL)."""
+    drain_settle_s: float = Field(default=5.0, ge=0, le=300)
+    """Graceful drain on SIGTERM: how long the router keeps accepting and serving new requests
+    after turning its grpc health NOT_SERVING, so load balancers and Kubernetes endpoints
+    (readiness) stop sending it traffic before it stops accepting. 0 on a single machine."""
+    drain_grace_s: float = Field(default=20.0, ge=0, le=3600)
+    """Graceful drain: once the router stops accepting new RPCs, how long the ones in flight
+    may take to finish before they are cancelled. Settle + grace should stay below the pod's
+    terminationGracePeriodSeconds (30 s in the chart)."""
 
     def schemes(self) -> set[str]:
         return {s.strip().lower() for s in self.allowed_schemes.split(",") if s.strip()}
@@ -92,8 +124,20 @@ class PlacementSettings(BaseSettings):
     """Prometheus metrics port; 0 turns the endpoint off."""
     load_timeout_s: float = Field(default=120.0, gt=0)
     """How long one copy may stay LOADING before placement gives up on it."""
-    default_model_bytes: int = Field(default=0, ge=0)
-    """Predicted footprint of a model never loaded before (0: learn it from the first load)."""
+    default_model_bytes: int = Field(default=64 * 1024**2, ge=1)
+    """Footprint booked for a model never measured whose artifact size is unknown too (e.g. an
+    http URI not pulled yet), 64 MiB by default; never 0. When at least prior_min_samples
+    models are measured on a kind of pod, their prior_percentile footprint is used if larger.
+    Once the first load is measured, the measurement replaces it. On a fleet of large (GPU)
+    models set it near a typical model's footprint."""
+    prior_ratio: float = Field(default=3.0, ge=1.0)
+    """Footprint / artifact-size ratio assumed for a model never measured, while fewer than
+    prior_min_samples models are measured on that kind of pod (then the learned ratio is used)."""
+    prior_percentile: float = Field(default=0.9, gt=0, le=1)
+    """Which percentile of the measured footprint / artifact ratios (per kind of pod) is the
+    prior for a model never measured: a high one, so the prior errs on the large side."""
+    prior_min_samples: int = Field(default=3, ge=1)
+    """Models measured on a kind of pod before its learned ratio alone is trusted."""
     instance_id: str = ""
     """This replica's id in the leader election; defaults to host-pid."""
     probation_hits: int = Field(default=1, ge=0)
@@ -117,6 +161,21 @@ class PlacementSettings(BaseSettings):
     activity_window_s: float = Field(default=60.0, gt=0)
     """Window of router request counts (from Redis telemetry) placement reads as a model's
     recent rate."""
+    direct_load: bool = True
+    """After writing an assignment for a miss, call the pod's Runtime/Load so it starts at once
+    and answers with the ready copy, instead of waiting for its watch and its LOADED record to
+    travel through etcd (false: etcd only, as before the call existed)."""
+    usage_max_age_s: float = Field(default=1.0, ge=0)
+    """With router telemetry (MESH_REDIS_URL), a pod's usage answer (recency and requests in
+    flight per model, from GetUsage or the answer to a direct Load) younger than this is
+    reused when a miss must choose eviction victims, instead of asking the pods again on the
+    miss path (0: always ask; without telemetry placement always asks). A model that got busy
+    since is still drained, not cut off, when evicted."""
+
+    @field_validator("default_model_bytes", mode="before")
+    @classmethod
+    def _model_bytes(cls, value: object) -> int:
+        return parse_bytes(value if isinstance(value, (int, str)) else str(value))
 
 
 class RuntimeSettings(BaseSettings):
@@ -144,6 +203,15 @@ class RuntimeSettings(BaseSettings):
     """Threads running onnxruntime sessions (and loads) off the event loop."""
     intra_op_threads: int = Field(default=1, ge=0, le=256)
     """onnxruntime intra-op threads per session (0: onnxruntime's default)."""
+    max_queue_per_model: int = Field(default=0, ge=0, le=65536)
+    """Requests of one model queued or running on this pod at once; more are shed at once
+    with RESOURCE_EXHAUSTED and a retry hint (0: 32 per executor thread, 64 by default)."""
+    max_queue_per_pod: int = Field(default=256, ge=1, le=65536)
+    """Requests of all models queued or running on this pod at once; more are shed at once
+    with RESOURCE_EXHAUSTED and a retry hint."""
+
+    def queue_per_model(self) -> int:
+        return self.max_queue_per_model or 32 * self.executor_threads
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest request or response message, bytes."""
     download_timeout_s: float = Field(default=300.0, gt=0)
@@ -154,6 +222,13 @@ class RuntimeSettings(BaseSettings):
     """auto: CUDA when a GPU is present; never: CPU only; always: fail without a GPU."""
     io_binding: str = "auto"
     """Run requests through onnxruntime IOBinding. auto: on CUDA pods; always; never."""
+    drain_timeout_s: float = Field(default=25.0, ge=0, le=3600)
+    """Graceful drain on SIGTERM: how long the pod keeps serving while placement moves its
+    models elsewhere and deletes its assignments, before it stops anyway (keep it under
+    Kubernetes' terminationGracePeriodSeconds, 30 s by default). A second signal stops at once."""
+    unload_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """Longest an unload waits for the model's in-flight requests to finish before it lets
+    the session go (loads waiting for its memory wait that long at most)."""
 
     @field_validator("capacity", "reserve", "cache_bytes", "max_artifact_bytes", mode="before")
     @classmethod

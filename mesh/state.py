@@ -38,6 +38,7 @@ class MeshState:
         self.stats: dict[str, ModelStats] = {}
         self.decisions: dict[str, Decision] = {}
         self.leader: LeaderRecord | None = None
+        self.revs: dict[str, int] = {}  # mod_revision of each assignment and copy key
         self._hooks: list[Callable[[str, tuple[str, ...]], None]] = []
         view.subscribe(self._on_events)
 
@@ -55,6 +56,10 @@ class MeshState:
             if c.state is CopyState.LOADED and inst in self.instances
         ]
 
+    def mod_revision(self, key: str) -> int:
+        """The mod_revision of an assignments/ or copies/ key as last seen (0: absent)."""
+        return self.revs.get(key, 0)
+
     def assigned_instances(self, model_id: str) -> list[str]:
         return [inst for inst, models in self.assignments.items() if model_id in models]
 
@@ -66,6 +71,11 @@ class MeshState:
     def _on_events(self, events: list[Event]) -> None:
         for ev in events:
             section, ids = self.keys.parse(ev.key)
+            if section in (k.ASSIGNMENTS, k.COPIES):
+                if ev.value is None:
+                    self.revs.pop(ev.key, None)
+                else:
+                    self.revs[ev.key] = ev.mod_revision
             try:
                 self._apply(section, ids, ev.value)
             except (ValueError, TypeError) as exc:

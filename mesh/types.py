@@ -85,7 +85,7 @@ class CopyRecord:
     load_ms: int = 0
     error: str = ""
     updated_unix_ms: int = 0
-    measure_method: str = ""  # how size_bytes was measured (e.g. "rss", "nvml-pid", "nvml-device")
+    measure_method: str = ""  # how size_bytes was measured (puller/footprint.py: "rss+peak", "nvml-pid", ...)
 
 
 @dataclasses.dataclass(frozen=True)

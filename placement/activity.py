@@ -18,6 +18,7 @@ class ModelActivity:
     last_used_ms: int = 0  # last request any router saw, unix ms (0: never)
     requests: int = 0  # requests in the recent window
     window_s: float = 60.0  # length of that window
+    new_requests: int = 0  # requests counted since the source's previous snapshot (the book adds them up)
 
     @property
     def rate_per_s(self) -> float:

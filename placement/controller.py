@@ -2,12 +2,18 @@
 
 A ready copy answers at once; an unregistered model is NOT_FOUND; a follower answers
 UNAVAILABLE so the router retries the leader. Otherwise one load per model runs however many
-callers ask (single flight): wait for an assignment already in progress, or ask the planner
-for a pod (and victims), write the assignment and the victims' deletions in ONE fenced
-transaction, and wait for the pod to report the copy LOADED. A FAILED load, or the pod dying
-mid-load, is retried once on another pod; then the caller gets FAILED_PRECONDITION with the
-reasons. The reconcile loop (reconcile.py) cleans up after unregistrations, dead pods and
-overcommitted pods, and adds or drops copies.
+callers ask (single flight): wait for an assignment already in progress, or submit a Place
+intent to the decider (placement/decider.py), which plans against its ledger (the view plus
+its own unseen writes, loads in flight reserved at their predicted size), writes the
+assignment and the victims' deletions in ONE fenced transaction and answers with the pod.
+Once that write succeeded the leader calls the pod's Runtime/Load with the record as written
+(puller/direct.py): the pod starts at once instead of when its watch shows the write, and the
+answer carries the ready copy (and the pod's usage); the EnsureLoaded answer is sent then,
+while the pod's etcd report of the copy being LOADED, awaited at the same time, stays the
+path for pods that do not answer the call. A FAILED load, or the pod dying mid-load, is
+retried once on another pod; then the caller gets FAILED_PRECONDITION with the reasons. The
+reconcile loop (reconcile.py) cleans up after unregistrations, dead pods and overcommitted
+pods, and adds or drops copies, through the same decider.
 
 Victims are chosen by value (placement/policy.py, GDSF) when router telemetry (an
 ActivitySource) is available: only it sees every request, hits included. Without it
@@ -27,7 +33,7 @@ from aetcd.rpc import rpc_pb2
 from mesh import types
 from mesh.clock import Clock, SystemClock
 from mesh.errors import DeadlineExceeded, LoadFailed, NoCapacity, Unavailable, model_not_found
-from mesh.kv.etcd import MAX_TXN_OPS, delete_op, put_op
+from mesh.kv.etcd import put_op
 from mesh.metrics import Metrics
 from mesh.settings import PlacementSettings
 from mesh.singleflight import SingleFlight
@@ -35,6 +41,7 @@ from mesh.state import MeshState
 from mesh.types import Assignment, CopyRecord, CopyState, ModelSpec
 from placement import planner
 from placement.activity import ActivitySource, ModelActivity, NoActivity
+from placement.decider import Decider, Place, Placed, Unassign
 from placement.policy import GdsfBook, Rules
 from placement.usage import Usage, UsageSource
 
@@ -77,12 +84,15 @@ class Controller:
         self.metrics = metrics
         self.usage = usage
         self.clock = clock or SystemClock()
-        self.flights: SingleFlight[str, list[CopyRecord]] = SingleFlight()
+        self.flights: SingleFlight[tuple[str, frozenset[str]], list[CopyRecord]] = SingleFlight()
         self.activity: ActivitySource = activity or NoActivity()
         self.book = GdsfBook(aging_period=100_000)
         self.last_activity: dict[str, ModelActivity] | None = None  # None: telemetry unavailable
         self._seen_use: dict[str, int] = {}  # model -> last use already fed to the book
         self.pod_last_used: dict[str, int] = {}  # model -> last use a pod reported (GetUsage)
+        self._usage_at: dict[str, tuple[float, dict[str, Usage]]] = {}  # pod -> (monotonic, answer)
+        self.decider = Decider(self)
+        self.ledger = self.decider.ledger
 
     @property
     def rules(self) -> Rules:
@@ -103,8 +113,10 @@ class Controller:
             if act.last_used_ms > self._seen_use.get(model_id, 0) and model_id in self.state.models:
                 self._seen_use[model_id] = act.last_used_ms
                 stats = self.state.stats.get(model_id)
-                size = (stats.size_bytes if stats else 0) or self.settings.default_model_bytes
-                self.book.set(model_id, size, stats.load_ms if stats else 0, max(act.requests, 1))
+                size = self.ledger.size(model_id).bytes
+                # The uses since the last read, added up: frequency over the model's history,
+                # not the window's (a windowed count reads a Zipf tail as one-offs).
+                self.book.touch(model_id, size, stats.load_ms if stats else 0, max(act.new_requests, 1))
         for model_id in [m for m in self._seen_use if m not in self.state.models]:
             self._seen_use.pop(model_id)
             self.book.forget(model_id)
@@ -127,41 +139,56 @@ class Controller:
 
     async def close(self) -> None:
         await self.flights.close()
+        await self.decider.close()
 
     # -- EnsureLoaded ---------------------------------------------------------------------------
 
-    async def ensure_loaded(self, model_id: str, timeout: float) -> list[CopyRecord]:  # noqa: ASYNC109
-        """Returns the ready copies of `model_id`, loading it first if none is ready."""
+    async def ensure_loaded(  # noqa: ASYNC109
+        self, model_id: str, timeout: float, exclude: frozenset[str] = frozenset()
+    ) -> list[CopyRecord]:
+        """Returns the ready copies of `model_id`, loading it first if none is ready.
+
+        `exclude`: instances the caller could not reach (a router's failed or ejected copies):
+        their copies count as not ready and no copy is placed on them, so a retry can reload
+        elsewhere while a dead pod's records linger until its lease lapses.
+        """
         if model_id not in self.state.models:
             raise model_not_found(model_id)
-        ready = self.state.ready_copies(model_id)
+        ready = self._ready(model_id, exclude)
         if ready:
             return ready
         if not self.leader.is_leader:
             raise Unavailable("not the placement leader; retry on the current leader")
         try:
             async with asyncio.timeout(timeout):
-                return await self.flights.do(model_id, lambda: self._load(model_id))
+                # One flight per model and exclusion set: a caller avoiding a pod must not
+                # join (and be answered by) a flight that counts that pod's copy as ready.
+                return await self.flights.do((model_id, exclude), lambda: self._load(model_id, exclude))
         except TimeoutError:
             raise DeadlineExceeded(
                 f"model '{model_id}' was not loaded within the caller's deadline ({timeout:.1f}s); "
                 "the load goes on, retry shortly"
             ) from None
 
-    async def _load(self, model_id: str) -> list[CopyRecord]:
+    def _ready(self, model_id: str, exclude: frozenset[str] | set[str]) -> list[CopyRecord]:
+        return [c for c in self.state.ready_copies(model_id) if c.instance_id not in exclude]
+
+    async def _load(self, model_id: str, exclude: frozenset[str] = frozenset()) -> list[CopyRecord]:
         """The shared load: at most ATTEMPTS pods, each bounded by settings.load_timeout_s."""
         failures: list[str] = []
-        excluded: set[str] = set()
+        excluded: set[str] = set(exclude)
         while len(failures) < ATTEMPTS:
             spec = self.state.models.get(model_id)
             if spec is None:
                 raise model_not_found(model_id)
-            ready = self.state.ready_copies(model_id)
+            ready = self._ready(model_id, excluded)
             if ready:
                 return ready
-            target = self._in_progress(model_id, excluded) or await self._place(spec, excluded)
+            target = self._in_progress(model_id, excluded)
+            placed = None if target else await self._place(spec, excluded)
+            target = placed.instance_id if placed else target
             try:
-                return await self._wait_loaded(model_id, target)
+                return await self._wait_ready(model_id, target, excluded, placed)
             except _AttemptFailed as failed:
                 log.warning("model %s failed on %s: %s", model_id, failed.instance_id, failed.reason)
                 failures.append(f"{failed.instance_id}: {failed.reason}")
@@ -172,79 +199,67 @@ class Controller:
 
     def _in_progress(self, model_id: str, excluded: set[str]) -> str | None:
         """A live pod already assigned the model (a load in progress), to wait for."""
-        live = sorted(
-            i for i in self.state.assigned_instances(model_id)
-            if i in self.state.instances and i not in excluded
-        )
+        live = [i for i in self.ledger.live_copies(model_id) if i not in excluded]
         return live[0] if live else None
 
-    async def _place(self, spec: ModelSpec, excluded: set[str]) -> str:
+    async def _place(self, spec: ModelSpec, excluded: set[str]) -> Placed:
+        """Asks the decider for a pod (evicting if need be); it writes the assignment."""
         model_id = spec.model_id
-        stats = self.state.stats.get(model_id)
-        predicted = (stats.size_bytes if stats else 0) or self.settings.default_model_bytes
         if self.last_activity is None:  # no telemetry: the book learns from misses alone
-            self.book.touch(model_id, predicted, stats.load_ms if stats else 0)
-        plan = self._plan(model_id, predicted, self.pod_views(), excluded)
-        if plan.victims:
-            # Recency and value only matter when choosing victims: refresh them, plan again.
-            usage = await self.gather_usage()
-            await self.refresh_activity()
-            plan = self._plan(model_id, predicted, self.pod_views(usage), excluded)
-        assignment = self.assignment_for(spec, plan.instance_id, predicted)
-        evictions = [
-            [delete_op(self.keys.assignment(plan.instance_id, v)), self.decision_op(v, "evicted", plan.instance_id, why)]
-            for v, why in zip(plan.victims, plan.victim_reasons, strict=False)
-        ]
-        placing = [
-            put_op(self.keys.assignment(plan.instance_id, model_id), types.encode(assignment)),
-            self.decision_op(model_id, "placed", plan.instance_id, plan.reason),
-        ]
-        if not await self._write_plan(evictions, placing):
-            self.metrics.placements.labels("lost_leadership").inc()
-            raise Unavailable("placement lost leadership while placing the model; retry on the new leader")
-        self.metrics.placements.labels("ok").inc()
-        if plan.victims:
-            self.metrics.evictions.labels("capacity").inc(len(plan.victims))
-            for victim in plan.victims:
-                self.book.evicted(victim)
-        log.info(
-            "placed model %s (%d bytes predicted) on %s, evicting %s (%d bytes): %s",
-            model_id, predicted, plan.instance_id, list(plan.victims) or "nothing",
-            plan.evicted_bytes, plan.reason,
-        )
-        return plan.instance_id
-
-    async def _write_plan(self, evictions: list[list[rpc_pb2.RequestOp]], placing: list[rpc_pb2.RequestOp]) -> bool:
-        """Evictions and the new assignment in one fenced transaction when etcd allows that many
-        operations; otherwise the evictions first, in chunks, then the assignment (evicting
-        early is safe: the room is made before the load is asked for)."""
-        flat = [op for pair in evictions for op in pair]
-        if len(flat) + len(placing) < MAX_TXN_OPS:
-            return await self.leader.write(flat + placing)
-        step = (MAX_TXN_OPS - 1) // 2
-        for start in range(0, len(evictions), step):
-            if not await self.leader.write([op for pair in evictions[start : start + step] for op in pair]):
-                return False
-        return await self.leader.write(placing)
-
-    def _plan(
-        self, model_id: str, predicted: int, pods: list[planner.PodView], excluded: set[str]
-    ) -> planner.Plan:
+            stats = self.state.stats.get(model_id)
+            self.book.touch(model_id, self.ledger.size(model_id).bytes, stats.load_ms if stats else 0)
         try:
-            return planner.plan(model_id, predicted, pods, excluded, now_ms=self.clock.unix_ms(),
-                                rules=self.rules, frequency=self._frequency(model_id))
+            placed = await self.decider.place(Place(model_id, exclude=frozenset(excluded)))
         except (NoCapacity, Unavailable) as exc:
-            self.metrics.placements.labels("no_capacity").inc()
-            log.warning("cannot place model %s (%d bytes): %s", model_id, predicted, exc)
+            if not isinstance(exc, Unavailable) or self.leader.is_leader:
+                self.metrics.placements.labels("no_capacity").inc()
+                log.warning("cannot place model %s: %s", model_id, exc)
             raise
+        self.metrics.placements.labels("ok").inc()
+        return placed
 
-    def _frequency(self, model_id: str) -> float:
-        if self.last_activity is None:
-            return self.book.frequency(model_id)
-        act = self.last_activity.get(model_id)
-        return float(act.requests) if act else self.book.frequency(model_id)
+    def frequency(self, model_id: str) -> float:
+        """The model's use count as the book has it (router telemetry's uses added up, or the
+        misses without telemetry); probation judges by it."""
+        return self.book.frequency(model_id)
 
-    async def _wait_loaded(self, model_id: str, instance_id: str) -> list[CopyRecord]:
+    async def _wait_ready(self, model_id: str, instance_id: str, excluded: set[str],
+                          placed: Placed | None) -> list[CopyRecord]:
+        """The pod's answer to our direct Load (when we just placed the model) or its etcd
+        report, whichever comes first. Only a LOADED answer ends the wait early: a failure is
+        taken from etcd, so that the model's status shows it when the caller hears of it."""
+        reported = asyncio.ensure_future(self._wait_loaded(model_id, instance_id, excluded))
+        direct = (asyncio.ensure_future(self._direct_load(model_id, placed))
+                  if placed and self.settings.direct_load else None)
+        try:
+            if direct is not None:
+                await asyncio.wait({reported, direct}, return_when=asyncio.FIRST_COMPLETED)
+                copy = direct.result() if direct.done() else None
+                if copy is not None and copy.state is CopyState.LOADED:
+                    self.metrics.direct_loads.labels("loaded").inc()
+                    return [copy, *(c for c in self._ready(model_id, excluded) if c.instance_id != copy.instance_id)]
+            return await reported
+        finally:
+            for task in (reported, direct):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (reported, direct) if t is not None), return_exceptions=True)
+
+    async def _direct_load(self, model_id: str, placed: Placed) -> CopyRecord | None:
+        """Runtime/Load on the pod we just wrote the assignment for (only after the fenced
+        write succeeded); None when the pod gave no copy (etcd's report is awaited then)."""
+        inst = self.state.instances.get(placed.instance_id)
+        if inst is None:
+            return None
+        answer = await self.usage.load(inst.address, model_id, placed.assignment, placed.victims,
+                                       self.settings.load_timeout_s)
+        if answer is None:
+            self.metrics.direct_loads.labels("no_answer").inc()
+            return None
+        self._remember_usage(placed.instance_id, answer.usage)
+        return answer.copy
+
+    async def _wait_loaded(self, model_id: str, instance_id: str, excluded: set[str]) -> list[CopyRecord]:
         """Waits for the copy on `instance_id` to be LOADED; raises _AttemptFailed otherwise."""
         akey = self.keys.assignment(instance_id, model_id)
         budget = self.settings.load_timeout_s
@@ -259,29 +274,30 @@ class Controller:
             async with asyncio.timeout(budget):
                 # Our own write may not have reached the view yet: wait to see it first.
                 await self.state.wait_for(assignment_seen, None)
-                since = self.state.view.revisions().get(akey, 0)
-                outcome = await self.state.wait_for(lambda: self._outcome(model_id, instance_id, since), None)
+                since = self.state.mod_revision(akey)
+                outcome = await self.state.wait_for(
+                    lambda: self._outcome(model_id, instance_id, since, excluded), None)
         except TimeoutError:
             raise _AttemptFailed(instance_id, f"still not loaded after {budget:.0f}s "
                                  "(MESH_PLACEMENT_LOAD_TIMEOUT_S)") from None
         status, reason = cast(tuple[str, str], outcome)
         if status == "loaded":
-            return self.state.ready_copies(model_id)
+            return self._ready(model_id, excluded)
         if status == "unregistered":
             raise model_not_found(model_id)
         raise _AttemptFailed(instance_id, reason)
 
-    def _outcome(self, model_id: str, instance_id: str, since: int) -> tuple[str, str] | None:
+    def _outcome(self, model_id: str, instance_id: str, since: int, excluded: set[str]) -> tuple[str, str] | None:
         if model_id not in self.state.models:
             return ("unregistered", "")
-        if self.state.ready_copies(model_id):
+        if self._ready(model_id, excluded):
             return ("loaded", "")
         if instance_id not in self.state.instances:
             return ("failed", "the runtime pod went away while loading")
         copy = self.state.copies.get(model_id, {}).get(instance_id)
         if copy is not None and copy.state is CopyState.FAILED:
             # A FAILED report older than the assignment is from an earlier attempt: not ours.
-            rev = self.state.view.revisions().get(self.keys.copy(model_id, instance_id), 0)
+            rev = self.state.mod_revision(self.keys.copy(model_id, instance_id))
             if rev > since:
                 return ("failed", copy.error or "load failed (no reason given)")
         if model_id not in self.state.assignments.get(instance_id, {}):
@@ -289,21 +305,39 @@ class Controller:
         return None
 
     async def _unassign(self, model_id: str, instance_id: str) -> None:
-        if not await self.leader.write([delete_op(self.keys.assignment(instance_id, model_id))]):
+        if not await self.decider.unassign(Unassign([(instance_id, model_id, "failed_load")])):
             raise Unavailable("placement lost leadership while retrying a failed load; retry")
 
     # -- the pods as the planner sees them -------------------------------------------------------
 
-    async def gather_usage(self, instance_ids: list[str] | None = None) -> dict[str, dict[str, Usage]]:
-        """instance id -> the pod's GetUsage answer, for the pods that answered (in parallel)."""
-        ids = sorted(self.state.instances) if instance_ids is None else instance_ids
-        addresses = [self.state.instances[i].address for i in ids if i in self.state.instances]
-        answers = await asyncio.gather(*(self.usage.get(a) for a in addresses))
-        out = {i: a for i, a in zip(ids, answers, strict=False) if a is not None}
-        for models in out.values():
-            for model_id, used in models.items():
-                self.pod_last_used[model_id] = max(self.pod_last_used.get(model_id, 0), used.last_used_ms)
+    async def gather_usage(self, instance_ids: list[str] | None = None,
+                           max_age_s: float = 0.0) -> dict[str, dict[str, Usage]]:
+        """instance id -> the pod's GetUsage answer, for the pods that answered (in parallel).
+        An answer younger than `max_age_s` (a GetUsage's or a direct Load's) is reused."""
+        ids = sorted(i for i in (self.state.instances if instance_ids is None else instance_ids)
+                     if i in self.state.instances)
+        now = self.clock.monotonic()
+        out: dict[str, dict[str, Usage]] = {}
+        ask = []
+        for i in ids:
+            seen = self._usage_at.get(i)
+            if max_age_s > 0 and seen is not None and now - seen[0] <= max_age_s:
+                out[i] = seen[1]
+            else:
+                ask.append(i)
+        answers = await asyncio.gather(*(self.usage.get(self.state.instances[i].address) for i in ask))
+        for i, answer in zip(ask, answers, strict=True):
+            if answer is not None:
+                out[i] = answer
+                self._remember_usage(i, answer)
+        for gone in set(self._usage_at) - set(self.state.instances):
+            del self._usage_at[gone]
         return out
+
+    def _remember_usage(self, instance_id: str, models: dict[str, Usage]) -> None:
+        self._usage_at[instance_id] = (self.clock.monotonic(), models)
+        for model_id, used in models.items():
+            self.pod_last_used[model_id] = max(self.pod_last_used.get(model_id, 0), used.last_used_ms)
 
     def last_used_ms(self, model_id: str) -> int:
         """The last use of a model any source reported (telemetry, pods' GetUsage); 0: none."""
@@ -311,47 +345,8 @@ class Controller:
         return max(act.last_used_ms if act else 0, self.pod_last_used.get(model_id, 0))
 
     def pod_views(self, usage: dict[str, dict[str, Usage]] | None = None) -> list[planner.PodView]:
-        return [self.pod_view(i, (usage or {}).get(i)) for i in sorted(self.state.instances)]
+        """Every live pod as the ledger books it (placement/ledger.py)."""
+        return self.ledger.pod_views(usage)
 
     def pod_view(self, instance_id: str, usage: dict[str, Usage] | None = None) -> planner.PodView:
-        """A live pod's capacity and its assigned models' bytes, recency and in-flight work.
-
-        Bytes: the copy's measured size, else the model's last measured size, else the
-        predicted bytes of the assignment, else settings.default_model_bytes. A FAILED copy
-        holds no memory. Recency: the newer of router telemetry and the pod's GetUsage answer,
-        else the copy's last update. Value and frequency: the GDSF book. Pinned: the model has
-        no more live copies than its registered min_copies.
-        """
-        inst = self.state.instances[instance_id]
-        models = []
-        for model_id, assignment in sorted(self.state.assignments.get(instance_id, {}).items()):
-            copy = self.state.copies.get(model_id, {}).get(instance_id)
-            stats = self.state.stats.get(model_id)
-            size = (
-                (copy.size_bytes if copy else 0)
-                or (stats.size_bytes if stats else 0)
-                or assignment.predicted_bytes
-                or self.settings.default_model_bytes
-            )
-            failed = copy is not None and copy.state is CopyState.FAILED
-            loaded = copy is not None and copy.state is not CopyState.LOADING
-            used = (usage or {}).get(model_id)
-            fallback_ms = copy.updated_unix_ms if copy else assignment.assigned_unix_ms
-            act = (self.last_activity or {}).get(model_id)
-            last_used = max(used.last_used_ms if used else fallback_ms, act.last_used_ms if act else 0)
-            spec = self.state.models.get(model_id)
-            live = sum(1 for i in self.state.assigned_instances(model_id) if i in self.state.instances)
-            models.append(
-                planner.PodModel(
-                    model_id,
-                    0 if failed else size,
-                    last_used_ms=last_used,
-                    in_flight=used.in_flight if used else 0,
-                    loaded=loaded,
-                    loaded_unix_ms=copy.updated_unix_ms if copy else assignment.assigned_unix_ms,
-                    value=self.book.value(model_id) if self.last_activity is not None else 0.0,
-                    frequency=self._frequency(model_id),
-                    pinned=spec is not None and 0 < live <= spec.min_copies,
-                )
-            )
-        return planner.PodView(instance_id, inst.capacity_bytes, tuple(models))
+        return self.ledger.pod_view(instance_id, usage)

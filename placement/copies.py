@@ -1,6 +1,11 @@
 """Proactive placement, run by the reconcile loop: copies added or dropped before any miss.
 
-Three jobs, at most `settings.max_actions_per_pass` actions per pass (no reload storm):
+Four jobs, at most `settings.max_actions_per_pass` loads or drops per pass (no reload storm):
+- a DRAINING pod (InstanceRecord.draining, set on SIGTERM) is never a candidate; each model
+  assigned to it that was used within `replace_window_s` (telemetry or the pod's own recency)
+  or has min_copies first gets a copy on another pod (evicting if need be, "copy_added"), and
+  the draining pod's assignment goes once another LOADED copy exists ("drained"); a model
+  not used recently loses it at once. The pod stops when its assignments are all gone;
 - a dead pod's RECENTLY USED models (within `replace_window_s`) that have no other live copy
   are re-placed at once, most recently used first, and only where they fit without evicting
   anything ("replaced"); those the per-pass limit leaves over are re-placed in later passes;
@@ -9,39 +14,40 @@ Three jobs, at most `settings.max_actions_per_pass` actions per pass (no reload 
   another copy on another pod with free room, up to max_copies ("copy_added"); below half
   that rate a copy is dropped, never the last LOADED one, never below min_copies, never one loaded
   less than `min_residency_s` ago ("copy_dropped").
-Every action is one fenced write: the assignment and its Decision.
+Every action is an intent to the decider (placement/decider.py): one fenced write of the
+assignment and its Decision, planned against the ledger, so actions of one pass never
+double-book a pod even before the view shows the earlier ones.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from mesh import types
-from mesh.errors import NoCapacity, Unavailable
-from mesh.kv.etcd import delete_op, put_op
-from placement import planner
 from placement.controller import Controller
+from placement.decider import Place, Unassign
 
 log = logging.getLogger(__name__)
-
-
-VIEW_WAIT_S = 5.0  # bound on waiting for the pass's own write to reach the view
 
 
 class Proactive:
     def __init__(self, controller: Controller) -> None:
         self.ctl = controller
         self.state = controller.state
+        self.ledger = controller.ledger
         self.pending: list[str] = []  # dead pods' models not re-placed yet (budget ran out)
 
     def live_copies(self, model_id: str) -> list[str]:
-        return sorted(i for i in self.state.assigned_instances(model_id) if i in self.state.instances)
+        """Live pods assigned the model, draining ones excluded (their copies are leaving)."""
+        draining = self.ledger.draining()
+        return [i for i in self.ledger.live_copies(model_id) if i not in draining]
+
+    def _recent(self, model_id: str, now_ms: int, window_ms: int) -> bool:
+        return bool(window_ms) and now_ms - self.ctl.last_used_ms(model_id) <= window_ms
 
     def _should_replace(self, model_id: str, now_ms: int, window_ms: int) -> bool:
         return (model_id in self.state.models and not self.live_copies(model_id)
-                and now_ms - self.ctl.last_used_ms(model_id) <= window_ms)
-
+                and self._recent(model_id, now_ms, window_ms))
     def recently_used_on_dead_pods(self, dead: dict[str, list[str]]) -> list[str]:
         """Models on dead pods, used within the window, with no live copy: most recent first."""
         window_ms = int(self.ctl.settings.replace_window_s * 1000)
@@ -60,13 +66,9 @@ class Proactive:
         return sorted(due, key=lambda m: (-self.ctl.last_used_ms(m), m))
 
     async def run(self, replace: list[str]) -> int:
-        """One pass (telemetry already refreshed by the caller); returns the actions taken.
-
-        After each write the pass waits until the view shows it: etcd's watch lags the write,
-        and planning the next action on a view without it would double-book a pod's free room
-        or count a copy twice."""
+        """One pass (telemetry already refreshed by the caller); returns the actions taken."""
         budget = self.ctl.settings.max_actions_per_pass
-        done = 0
+        done = await self.drain(budget)
         queue = self._replacements(replace)
         self.pending = []
         for n, model_id in enumerate(queue):
@@ -85,6 +87,39 @@ class Proactive:
             done += await self._scale(model_id, spec, have)
         return done
 
+    async def drain(self, budget: int) -> int:
+        """Moves draining pods' models: returns the copies added (deletions are not counted)."""
+        draining = sorted(i for i in self.ledger.draining() if i in self.state.instances)
+        if not draining:
+            return 0
+        await self.ctl.gather_usage(draining)  # the pod's own recency of its models
+        now = self.ctl.clock.unix_ms()
+        window_ms = int(self.ctl.settings.replace_window_s * 1000)
+        done = 0
+        for instance_id in draining:
+            release: list[tuple[str, str, str]] = []
+            for model_id in sorted(self.ledger.assignments(instance_id)):
+                spec = self.state.models.get(model_id)
+                if spec is None:
+                    continue  # unregistered: the clean-up deletes it
+                ready = [c.instance_id for c in self.state.ready_copies(model_id)
+                         if c.instance_id != instance_id and not self.state.instances[c.instance_id].draining]
+                wanted = spec.min_copies > 0 or self._recent(model_id, now, window_ms)
+                if ready:
+                    release.append((instance_id, model_id, f"pod {instance_id} is draining; "
+                                    f"a LOADED copy is on {ready[0]}"))
+                elif not wanted:
+                    release.append((instance_id, model_id, f"pod {instance_id} is draining and the model "
+                                    "was not used recently"))
+                elif not self.live_copies(model_id) and done < budget:
+                    why = "has min_copies" if spec.min_copies else "was used recently"
+                    done += await self._add(model_id, "copy_added",
+                                            f"its pod {instance_id} is draining and it {why}", evict=True)
+            if release and await self.ctl.decider.unassign(Unassign(release, action="drained")):
+                for _, model_id, why in release:
+                    log.info("released model %s from draining pod %s: %s", model_id, instance_id, why)
+        return done
+
     async def _scale(self, model_id: str, spec: types.ModelSpec, have: int) -> int:
         s = self.ctl.settings
         act = (self.ctl.last_activity or {}).get(model_id)
@@ -100,31 +135,10 @@ class Proactive:
         return 0
 
     async def _add(self, model_id: str, action: str, why: str, evict: bool) -> int:
-        spec = self.state.models.get(model_id)
-        if spec is None:
+        if model_id not in self.state.models:
             return 0
-        stats = self.state.stats.get(model_id)
-        predicted = (stats.size_bytes if stats else 0) or self.ctl.settings.default_model_bytes
-        try:
-            plan = planner.plan(model_id, predicted, self.ctl.pod_views(), now_ms=self.ctl.clock.unix_ms(),
-                                rules=self.ctl.rules, evict=evict, frequency=self.ctl.book.frequency(model_id))
-        except (NoCapacity, Unavailable) as exc:
-            log.info("no %s for model %s: %s", action, model_id, exc)
-            return 0
-        keys = self.state.keys
-        ops = [delete_op(keys.assignment(plan.instance_id, v)) for v in plan.victims]
-        for victim, reason in zip(plan.victims, plan.victim_reasons, strict=False):
-            ops.append(self.ctl.decision_op(victim, "evicted", plan.instance_id, reason))
-        assignment = self.ctl.assignment_for(spec, plan.instance_id, predicted)
-        ops.append(put_op(keys.assignment(plan.instance_id, model_id), types.encode(assignment)))
-        ops.append(self.ctl.decision_op(model_id, action, plan.instance_id, f"{why}; {plan.reason}"))
-        if not await self.ctl.leader.write(ops):
-            return 0
-        await self._seen(lambda: model_id in self.state.assignments.get(plan.instance_id, {}), plan.instance_id)
-        for victim in plan.victims:
-            self.ctl.book.evicted(victim)
-        self.ctl.metrics.evictions.labels("capacity").inc(len(plan.victims))
-        return 1
+        placed = await self.ctl.decider.add_copy(Place(model_id, action=action, why=why, evict=evict))
+        return int(placed is not None)
 
     async def _drop(self, model_id: str, why: str) -> int:
         now = self.ctl.clock.unix_ms()
@@ -139,18 +153,7 @@ class Proactive:
         if len(loaded) < 2 or not candidates:
             return 0
         _, instance_id = max(candidates)  # the newest copy goes: the older ones are warm
-        ops = [delete_op(self.state.keys.assignment(instance_id, model_id)),
-               self.ctl.decision_op(model_id, "copy_dropped", instance_id, why)]
-        if not await self.ctl.leader.write(ops):
+        if not await self.ctl.decider.unassign(Unassign([(instance_id, model_id, why)], action="copy_dropped")):
             return 0
-        await self._seen(lambda: model_id not in self.state.assignments.get(instance_id, {}), instance_id)
         self.ctl.metrics.evictions.labels("cooled").inc()
         return 1
-
-    async def _seen(self, written: Callable[[], bool], instance_id: str) -> None:
-        """Waits (bounded) until the view shows this pass's write, or the pod is gone."""
-        try:
-            await self.state.wait_for(lambda: written() or instance_id not in self.state.instances, VIEW_WAIT_S)
-        except TimeoutError:
-            log.warning("placement's own write on %s not seen after %.0fs; the next pass re-reads",
-                        instance_id, VIEW_WAIT_S)

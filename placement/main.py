@@ -1,9 +1,14 @@
-"""The placement process: etcd view + leader election + EnsureLoaded server + reconcile loop."""
+"""The placement process: etcd view + leader election + EnsureLoaded server + reconcile loop.
+
+Stopping (SIGTERM or SIGINT): health NOT_SERVING, then the leader resigns at once (revokes its
+lease, so a standby leads without waiting out the TTL), then the server lets EnsureLoaded calls
+in flight finish within a short grace. Every step is bounded and a failing one is logged with
+what it was; none is skipped because an earlier one failed.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -15,6 +20,7 @@ from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.metrics import serve as serve_metrics
 from mesh.pb.v1 import internal_pb2_grpc
+from mesh.process import shutdown_step
 from mesh.rpc.server import make_server
 from mesh.settings import CommonSettings, PlacementSettings
 from mesh.state import MeshState
@@ -23,7 +29,7 @@ from mesh.telemetry import TelemetryKeys
 from mesh.telemetry import client as redis_client
 from placement.activity import ActivitySource, NoActivity
 from placement.controller import Controller
-from placement.leader import Leader
+from placement.leader import REVOKE_TIMEOUT_S, Leader
 from placement.reconcile import Reconciler
 from placement.server import PlacementServicer
 from placement.telemetry import RedisActivity
@@ -32,7 +38,9 @@ from placement.usage import GrpcUsage
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-GRACE_S = 2.0
+GRACE_S = 2.0  # EnsureLoaded calls in flight may finish this long once the server stops
+RESIGN_S = REVOKE_TIMEOUT_S + 1.0  # the lease revoke has its own deadline; this bounds the rest
+STEP_S = 5.0  # bound of each other shutdown step
 
 
 def _advertise(settings: PlacementSettings, port: int) -> str:
@@ -62,6 +70,8 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
     controller = Controller(state, leader, settings, metrics, usage, activity=activity)
     reconciler = Reconciler(controller)
     internal_pb2_grpc.add_PlacementServicer_to_server(PlacementServicer(controller, settings), server)
+    # The election and what only a leader does, apart from the view: stopped first on shutdown.
+    election = Supervisor()
     try:
         supervisor.start("view", view.run)
         synced = asyncio.ensure_future(view.wait_synced())
@@ -71,23 +81,28 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
         stopped.cancel()
         if stop.is_set():
             return
-        supervisor.start("leader", leader.run)
-        supervisor.start("reconcile", reconciler.run)
+        election.start("leader", leader.run)
+        election.start("reconcile", reconciler.run)
         await server.start()
         await server.set_serving(True)  # followers are healthy too: they take over on failover
         serve_metrics(metrics, settings.listen.rsplit(":", 1)[0], settings.metrics_port)
         log.info("placement %s listening on port %d", holder, port)
         await stop.wait()
     finally:
-        with contextlib.suppress(Exception):
-            await server.set_serving(False)
-            await server.stop(GRACE_S)
-        await controller.close()
-        await supervisor.stop()  # the leader resigns (revokes its lease) on cancel
-        await usage.close()
+        log.info("placement %s stopping", holder)
+        await shutdown_step("health NOT_SERVING", server.set_serving(False))
+        # Resign first (the leader's cancel revokes its lease, bounded by REVOKE_TIMEOUT_S): a
+        # standby leads at once instead of after the TTL. The view goes on, so EnsureLoaded
+        # calls in flight here still see their copies become LOADED during the server's grace.
+        await shutdown_step("leader resign (lease revoke)", election.stop(), RESIGN_S)
+        await shutdown_step("gRPC server stop", server.stop(GRACE_S), GRACE_S + STEP_S)
+        await shutdown_step("controller close", controller.close())
+        await shutdown_step("background tasks stop", supervisor.stop())
+        await shutdown_step("usage channels close", usage.close())
         if isinstance(activity, RedisActivity):
-            await activity.close()
-        await client.close()
+            await shutdown_step("Redis close", activity.close())
+        await shutdown_step("etcd client close", client.close())
+        log.info("placement %s stopped", holder)
 
 
 def main() -> None:

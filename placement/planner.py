@@ -53,15 +53,18 @@ class PodModel:
 
 @dataclasses.dataclass(frozen=True)
 class PodView:
-    """A live runtime pod: its capacity and the models assigned to it."""
+    """A live runtime pod: its capacity, the models assigned to it, and memory it holds that
+    no assigned model accounts for (`held_bytes`: copies still unloading, or the pod's own
+    measured use above the sum of its copies' sizes); held bytes are never evictable."""
 
     instance_id: str
     capacity_bytes: int
     models: tuple[PodModel, ...] = ()
+    held_bytes: int = 0
 
     @property
     def used_bytes(self) -> int:
-        return sum(m.bytes for m in self.models)
+        return self.held_bytes + sum(m.bytes for m in self.models)
 
     @property
     def free_bytes(self) -> int:
@@ -134,6 +137,7 @@ def plan(
     rules: Rules = NO_RULES,
     evict: bool = True,
     frequency: float = 0.0,
+    size_note: str = "",
 ) -> Plan:
     """Chooses the pod for `model_id` (predicted to need `predicted_bytes`) and its victims.
 
@@ -141,9 +145,11 @@ def plan(
     are not considered (so two copies never share a pod). `evict=False` only uses free room
     (extra copies, re-placing a dead pod's models). `frequency`: the incoming model's use
     count; at most `rules.probation_hits` puts it on probation (it displaces one-offs first).
-    Raises Unavailable when no pod is left to
-    consider, NoCapacity when no pod can make room.
+    `size_note` says where `predicted_bytes` comes from (a measurement or a prior) in the
+    plan's reason. Raises Unavailable when no pod is left to consider, NoCapacity when no pod
+    can make room.
     """
+    note = f" ({size_note})" if size_note else ""
     candidates = sorted(
         (p for p in pods if p.instance_id not in exclude and all(m.model_id != model_id for m in p.models)),
         key=lambda p: p.instance_id,
@@ -156,14 +162,14 @@ def plan(
     fitting = [p for p in candidates if p.free_bytes >= predicted_bytes]
     if fitting:
         best = min(fitting, key=lambda p: (-p.free_bytes, p.instance_id))
-        needs = f"model needs {format_bytes(predicted_bytes)}" if predicted_bytes else "model size not known before its first load"
+        needs = f"model needs {format_bytes(predicted_bytes)}{note}"
         return Plan(
             best.instance_id,
             reason=f"most free capacity ({format_bytes(best.free_bytes)} of {format_bytes(best.capacity_bytes)} free, {needs})",
         )
 
     if not evict:
-        raise NoCapacity(f"no runtime pod has {predicted_bytes} bytes free for model '{model_id}' "
+        raise NoCapacity(f"no runtime pod has {predicted_bytes} bytes free for model '{model_id}'{note} "
                          "without evicting")
 
     probation = frequency <= rules.probation_hits
@@ -179,7 +185,7 @@ def plan(
     if not options:
         largest = max(p.capacity_bytes for p in candidates)
         raise NoCapacity(
-            f"model '{model_id}' needs {predicted_bytes} bytes and no runtime pod can make room: "
+            f"model '{model_id}' needs {predicted_bytes} bytes{note} and no runtime pod can make room: "
             f"the largest pod offers {largest} bytes, and models in use or still loading cannot "
             "be evicted; add pods or raise MESH_RUNTIME_CAPACITY"
         )
@@ -188,7 +194,7 @@ def plan(
         instance_id,
         victims=tuple(v.model_id for v in victims),
         evicted_bytes=evicted,
-        reason=f"no pod had {predicted_bytes} bytes free; evicting the cheapest models "
+        reason=f"no pod had {predicted_bytes} bytes free{note}; evicting the cheapest models "
         f"(worst: {TIER_NAMES[worst]}) frees {evicted} bytes, the cheapest choice of any pod",
         victim_reasons=tuple(f"evicted for model '{model_id}': {_why(v, now_ms, rules, probation)}"
                              for v in victims),

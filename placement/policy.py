@@ -4,7 +4,8 @@ GreedyDual-Size-Frequency (Cherkasova 1998): a model's value is
 
     H = L + frequency × cost / size
 
-with cost = the model's measured load time (ModelStats.load_ms), size = its measured bytes and
+with cost = the model's measured load time (ModelStats.load_ms) plus the fixed cost of any miss
+(MISS_OVERHEAD_MS), size = its measured bytes and
 L the "inflation" value: the H of the last model evicted. L only grows, so a model that stops
 being used is overtaken by models touched later and ages out, while a small, slow-to-load,
 frequently used model keeps a high H for long.
@@ -16,7 +17,9 @@ separates such one-off models from the established ones (see planner.plan). Ever
 for ever.
 
 The book is mutated only through `touch` and `evicted`, in the order events are fed in: the
-same events give the same values (tests/properties checks that).
+same events give the same values (tests/properties checks that). Live, `touch` is fed the
+uses router telemetry counted since placement's previous read (controller.refresh_activity),
+so a frequency is a count over the model's history, as in the offline replay (bench/trace.py).
 """
 
 from __future__ import annotations
@@ -66,14 +69,6 @@ class GdsfBook:
             self._forget_coldest()
         return entry.h
 
-    def set(self, model_id: str, size_bytes: int, load_ms: int, frequency: float) -> float:
-        """The model was used again and has been used `frequency` times lately (telemetry's
-        windowed count): re-values it at the current L; returns its new value H."""
-        entry = self._entries.setdefault(model_id, _Entry())
-        entry.freq = frequency
-        entry.h = self.inflation + entry.freq * cost(load_ms) / max(size_bytes, 1)
-        return entry.h
-
     def evicted(self, model_id: str) -> None:
         """The model left memory: L rises to its value (never falls)."""
         entry = self._entries.get(model_id)
@@ -101,6 +96,15 @@ class GdsfBook:
         del self._entries[coldest]
 
 
+# What every miss costs besides onnxruntime's own load: the pull from the pod's disk cache, the
+# etcd round trips (assignment -> LOADING -> LOADED) and the router's wait (docs/BENCHMARKS.md,
+# "Cache miss": ~13-30 ms). Without it a model's cost was its load time alone: for small models
+# a few ms, mostly noise from whatever else the CPU ran, which scrambled the values; the density
+# replay with the pods' measured load times lost ~1 point of hit ratio to it (bench/livesim.py).
+MISS_OVERHEAD_MS = 20
+
+
 def cost(load_ms: int) -> float:
-    """Load cost of a model: its measured load time, at least 1 ms (never measured: 1)."""
-    return float(max(load_ms, 1))
+    """Cost of a model's miss: its measured load time (never measured: 0) plus the miss path's
+    fixed overhead, so slow loads (large GPU models: seconds) still weigh most."""
+    return float(MISS_OVERHEAD_MS + max(load_ms, 0))

@@ -6,12 +6,14 @@ replica leads. Three cases:
   stops a load in progress and unloads;
 - the pod is dead (its instance record expired with its lease): its assignments go; its
   copies went with the lease, and the next miss re-places the model on a live pod;
-- the pod is overcommitted (the measured sizes of its LOADED copies exceed its capacity,
-  e.g. a model measured bigger than predicted): the least recently used loaded models go
-  (planner.overcommit_victims), never the newest, an in-flight one or a copy still LOADING —
-  deleting a loading copy would only waste the load and the miss waiting for it.
-Then the proactive pass (copies.py): a dead pod's recently used models are re-placed,
-min_copies kept, hot models copied and cooled copies dropped — bounded per pass.
+- the pod is overcommitted (its measured use — its LOADED copies' sizes, or its own report
+  when larger — exceeds its capacity, e.g. a model measured bigger than its prior): the least
+  recently used loaded models go (planner.overcommit_victims), never the newest, an in-flight
+  one or a copy still LOADING — deleting a loading copy would only waste the load and the miss
+  waiting for it.
+Then the proactive pass (copies.py): draining pods' models are moved, a dead pod's recently
+used models are re-placed, min_copies kept, hot models copied and cooled copies dropped —
+bounded per pass. Every deletion and placement is an intent to the decider (decider.py).
 """
 
 from __future__ import annotations
@@ -20,16 +22,14 @@ import asyncio
 import contextlib
 import logging
 
-from mesh.kv.etcd import delete_op
 from mesh.types import CopyState
-from placement import planner
 from placement.controller import Controller
 from placement.copies import Proactive
+from placement.decider import Unassign
 
 log = logging.getLogger(__name__)
 
 FAILED_GRACE_MS = 30_000
-TXN_CHUNK = 100  # < mesh.kv.etcd.MAX_TXN_OPS, leaving room for the fence compare
 
 
 class Reconciler:
@@ -76,17 +76,9 @@ class Reconciler:
         return out
 
     def overcommitted(self) -> list[str]:
-        """Live pods whose LOADED copies measure more than the pod's capacity."""
-        out = []
-        for instance_id, inst in self.state.instances.items():
-            measured = 0
-            for model_id in self.state.assignments.get(instance_id, {}):
-                copy = self.state.copies.get(model_id, {}).get(instance_id)
-                if copy is not None and copy.state is CopyState.LOADED:
-                    measured += copy.size_bytes
-            if measured > inst.capacity_bytes:
-                out.append(instance_id)
-        return sorted(out)
+        """Live pods whose measured use exceeds their capacity (placement/ledger.py)."""
+        ledger = self.controller.ledger
+        return sorted(i for i, inst in self.state.instances.items() if ledger.measured_use(i) > inst.capacity_bytes)
 
     async def reconcile_once(self) -> int:
         """One pass; returns how many assignments it deleted."""
@@ -100,40 +92,17 @@ class Reconciler:
             if await self._delete(instance_id, stale):
                 deleted += len(stale)
         await self.controller.usage.forget({i.address for i in self.state.instances.values()})
-        over = self.overcommitted()
-        if over:
-            usage = await self.controller.gather_usage(over)
-            for instance_id in over:
-                if instance_id not in self.state.instances:
-                    continue
-                pod = self.controller.pod_view(instance_id, usage.get(instance_id))
-                victims = planner.overcommit_victims(_loaded_only(pod), self.controller.clock.unix_ms(),
-                                                     self.controller.rules)
-                if victims and await self._delete(instance_id, [(m, "overcommit") for m in victims]):
-                    deleted += len(victims)
+        for instance_id in self.overcommitted():
+            deleted += await self.controller.decider.relieve(instance_id)
         await self.proactive.run(replace)
         return deleted
 
     async def _delete(self, instance_id: str, items: list[tuple[str, str]]) -> bool:
-        """Deletes in transactions of at most TXN_CHUNK operations (etcd caps a transaction at
-        128; a dead pod may have held hundreds of models). Deletes are idempotent, so a pass
-        cut short is finished by the next one."""
-        keys = self.state.keys
-        for start in range(0, len(items), TXN_CHUNK):
-            chunk = items[start : start + TXN_CHUNK]
-            if not await self.controller.leader.write(
-                [delete_op(keys.assignment(instance_id, model_id)) for model_id, _ in chunk]
-            ):
-                return False
-        metrics = self.controller.metrics
+        """Deletes through the decider, in transactions etcd accepts (it caps one at 128
+        operations; a dead pod may have held hundreds of models). Deletes are idempotent, so
+        a pass cut short is finished by the next one."""
+        if not await self.controller.decider.unassign(Unassign([(instance_id, m, why) for m, why in items])):
+            return False
         for model_id, reason in items:
-            if reason == "overcommit":
-                metrics.evictions.labels("overcommit").inc()
-                self.controller.book.evicted(model_id)
             log.info("removed assignment of model %s on %s: %s", model_id, instance_id, reason)
         return True
-
-
-def _loaded_only(pod: planner.PodView) -> planner.PodView:
-    """Measured use counts only LOADED copies: a loading copy has no measured size yet."""
-    return planner.PodView(pod.instance_id, pod.capacity_bytes, tuple(m for m in pod.models if m.loaded))

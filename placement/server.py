@@ -14,6 +14,7 @@ _STATES = {
     CopyState.LOADING: types_pb2.LOADING,
     CopyState.LOADED: types_pb2.LOADED,
     CopyState.FAILED: types_pb2.FAILED,
+    CopyState.UNLOADING: types_pb2.UNLOADING,
 }
 
 
@@ -24,6 +25,7 @@ def copy_status(copy: CopyRecord) -> types_pb2.CopyStatus:
         state=_STATES[copy.state],
         size_bytes=max(copy.size_bytes, 0),
         error=copy.error,
+        measure_method=copy.measure_method,
     )
 
 
@@ -39,5 +41,6 @@ class PlacementServicer(internal_pb2_grpc.PlacementServicer):
             raise InvalidArgument("model_id is required")
         remaining = context.time_remaining()
         timeout = self.settings.load_timeout_s if remaining is None else remaining
-        copies = await self.controller.ensure_loaded(request.model_id, timeout)
+        copies = await self.controller.ensure_loaded(
+            request.model_id, timeout, frozenset(request.exclude_instances))
         return internal_pb2.EnsureLoadedResponse(copies=[copy_status(c) for c in copies])

@@ -4,6 +4,13 @@ One pipelined round trip per snapshot: HGETALL of the request buckets covering t
 (known key names, no KEYS/SCAN) and the last-use sorted set. Any failure answers None, which
 placement treats as "unavailable" (it falls back to pod-reported recency and never reads a
 gap as idleness); the next snapshot tries again.
+
+Each snapshot gives two counts per model: `requests`, the requests in the window (a rate, for
+copies), and `new_requests`, those counted since this reader's previous snapshot (per bucket:
+a bucket's count now less the count seen in it before). The GDSF book adds the new ones up, so
+its frequency is the model's use over its whole history (halved now and then by the book's
+aging), not over the last minute: a windowed count reads most of a Zipf tail as one-offs
+(docs/PLACEMENT.md, "Why the live mesh trailed its replay").
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class RedisActivity:
         self.metrics = metrics
         self.window_s = window_s
         self._failing = False
+        self._seen: dict[int, dict[str, int]] = {}  # bucket -> model -> count at the last snapshot
 
     async def snapshot(self, now_ms: int) -> dict[str, ModelActivity] | None:
         buckets = self.keys.window(now_ms, self.window_s)
@@ -50,16 +58,24 @@ class RedisActivity:
         self._failing = False
         self.metrics.telemetry_reads.labels("ok").inc()
         counts: collections.Counter[str] = collections.Counter()
-        for h in hashes:
-            for model_id, n in (h or {}).items():
+        new: collections.Counter[str] = collections.Counter()
+        seen: dict[int, dict[str, int]] = {}
+        for bucket, h in zip(buckets, hashes, strict=True):
+            before, now_seen = self._seen.get(bucket, {}), seen.setdefault(bucket, {})
+            for raw, n in (h or {}).items():
                 try:
-                    counts[_text(model_id)] += int(n)
+                    model_id, count = _text(raw), int(n)
                 except ValueError:
                     continue
+                counts[model_id] += count
+                now_seen[model_id] = count
+                new[model_id] += max(0, count - before.get(model_id, 0))
+        self._seen = seen  # buckets older than the window are forgotten (their late flushes too)
         last_used = {_text(m): int(score) for m, score in (last or [])}
         window = len(buckets) * self.keys.bucket_s
         return {
-            m: ModelActivity(m, last_used_ms=last_used.get(m, 0), requests=counts.get(m, 0), window_s=window)
+            m: ModelActivity(m, last_used_ms=last_used.get(m, 0), requests=counts.get(m, 0), window_s=window,
+                             new_requests=new.get(m, 0))
             for m in set(counts) | set(last_used)
         }
 

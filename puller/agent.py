@@ -1,45 +1,50 @@
-"""The pod's etcd side: registration under a lease, and reconciling loads with assignments.
+"""The pod's etcd side: registration under a lease, and driving each model toward its assignment.
 
-    instances/<id>           InstanceRecord, leased, re-put after every load / unload
-    assignments/<id>/<m>     watched (View); each one present and not loaded -> a load task
-    copies/<m>/<id>          CopyRecord LOADING -> LOADED | FAILED, leased; deleted on unload
+    instances/<id>           InstanceRecord, leased (used bytes, models, draining)
+    assignments/<id>/<m>     watched (View); every change converges the models it names
+    copies/<m>/<id>          CopyRecord LOADING -> LOADED -> UNLOADING | FAILED, leased
     stats/<m>                ModelStats (not leased: placement remembers sizes across unloads)
 
-The in-memory copy records are the truth; `_sync_copy` writes a model's current record (or
-deletes it) under a per-model lock, so a late write can never resurrect a record an unload
-removed. A lost lease is replaced and everything re-put. Stopping revokes the lease, so the
-pod's records vanish at once instead of after the TTL.
+Each model is a `ModelSlot` (puller/modelstate.py): a state machine with one serialised queue,
+so its transitions never interleave. Placement's direct Runtime/Load call (puller/direct.py)
+overrides the watched assignment of a model until the watch confirms it, and drives the same
+slots: a load starts as soon as placement's write succeeded. Records are written by the Publisher
+(puller/records.py), which retries each until etcd has it. A lost lease is re-granted with
+backoff and every record re-put under the new one; an outage is logged once, and once more
+when it ends. Draining (SIGTERM, puller/main.py) marks the instance record `draining` and
+waits for placement to take the assignments away, the unloads letting in-flight requests
+finish. Stopping revokes the lease, so the pod's records vanish at once instead of after
+the TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
+import random
 import time
-from collections.abc import Sequence
-
-from aetcd.rpc import rpc_pb2
 
 from mesh import types
 from mesh.clock import Clock
-from mesh.errors import MeshError
-from mesh.kv.etcd import EtcdClient, Event, Lease, delete_op, put_op
-from mesh.kv.keys import Keys
+from mesh.kv.etcd import EtcdClient, Event, Lease
+from mesh.kv.keys import INSTANCES, Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.tasks import Supervisor
-from mesh.types import Assignment, CopyRecord, CopyState, InstanceRecord, ModelStats
-from puller import batching
+from mesh.types import Assignment, InstanceRecord
 from puller.cache import ArtifactCache
+from puller.direct import DirectLoads
 from puller.executor import Executor
-from puller.table import ModelTable, Served
+from puller.modelstate import ModelSlot, held_bytes
+from puller.records import Publisher
+from puller.table import ModelTable
 
 log = logging.getLogger(__name__)
 
-UNLOAD_DRAIN_S = 10.0  # longest an unload waits for in-flight requests before letting go
-DRAIN_POLL_S = 0.01
+MAX_GRANT_BACKOFF_S = 5.0
+STOP_STEP_S = 3.0  # bound of each shutdown step (cancelling jobs, revoking the lease)
+NO_MOVER_S = 2.0  # draining: no leader or no other pod this long -> nobody will move the models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,73 +68,121 @@ class Agent:
         table: ModelTable,
         metrics: Metrics,
         clock: Clock,
+        unload_timeout_s: float = 10.0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.identity = identity
+        self.instance_id = identity.instance_id
+        self.address = identity.address
         self.lease_ttl_s = lease_ttl_s
         self.cache = cache
         self.executor = executor
         self.table = table
         self.metrics = metrics
         self.clock = clock
+        self.unload_timeout_s = unload_timeout_s
         self.view = View(client, keys.assignments_of(identity.instance_id))
         self.supervisor = Supervisor()
         self.lease: Lease | None = None
         self.started_unix_ms = clock.unix_ms()
-        self._wake = asyncio.Event()
-        self._loading: dict[str, asyncio.Task[None]] = {}
-        self._unloading: dict[str, asyncio.Task[None]] = {}
-        self._failed: dict[str, Assignment] = {}  # not retried until the assignment changes
-        self._copies: dict[str, CopyRecord] = {}
-        # One per model this pod has held, kept: dropping an idle one could let a writer queued
-        # on it run beside a writer on its replacement (a lock is a few hundred bytes).
-        self._copy_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self._instance_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.stopping = False
+        self.slots: dict[str, ModelSlot] = {}
+        self.publisher = Publisher(
+            client, keys, identity.instance_id, metrics, self.instance_record, self._lease_id, self._lease_gone
+        )
+        self._room = asyncio.Condition()
+        self._changed = asyncio.Event()  # a slot went or the assignments changed (drain waits)
+        # Placement's Runtime/Load: assignments followed before the watch shows them.
+        self.direct = DirectLoads(self)
         self.view.subscribe(self._on_assignments)
+        # puller/executor.py calls this (on the event loop) when it re-measures a copy.
+        executor.on_resize = self._on_resize  # type: ignore[attr-defined]
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.lease = await self.client.grant(self.lease_ttl_s)
         self.metrics.capacity_bytes.set(self.identity.capacity_bytes)
-        await self._sync_instance()
-        log.info("registered instance %s at %s", self.identity.instance_id, self.identity.address)
+        self.publisher.instance_changed()
+        if not await self.publisher.flush():
+            log.warning("instance %s: first registration write failed; retrying", self.instance_id)
+        log.info("registered instance %s at %s", self.instance_id, self.address)
         self.supervisor.start("lease", self._lease_loop)
+        self.supervisor.start("records", self.publisher.run)
         self.supervisor.start("assignments-watch", self.view.run)
-        self.supervisor.start("reconcile", self._reconcile_loop)
 
     async def stop(self) -> None:
-        await self.supervisor.stop()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self.lease is not None:
+        """Stops the loops and the models' jobs, then revokes the lease (each step bounded
+        and logged). The table and the pins stay until `release`: in-flight requests still
+        finish on the served sessions while the server stops."""
+        self.stopping = True
+        await self._bounded("stopping the agent's loops", self.supervisor.stop())
+        slots = list(self.slots.values())
+        await self._bounded("cancelling model jobs", asyncio.gather(*(s.close() for s in slots)))
+        lease, self.lease = self.lease, None
+        if lease is not None:
             try:
-                await self.lease.revoke()
-            except MeshError as exc:
-                log.warning("could not revoke lease (records expire after its TTL): %s", exc)
+                async with asyncio.timeout(STOP_STEP_S):
+                    await lease.revoke()
+                log.info("instance %s: lease revoked", self.instance_id)
+            except Exception as exc:  # noqa: BLE001 - reported, and the records expire anyway
+                log.warning("could not revoke lease (records expire after its TTL, %ds): %s", self.lease_ttl_s, exc)
+
+    def release(self) -> None:
+        """After the server stopped: drops every served copy and lets go of every pin."""
+        for slot in list(self.slots.values()):
+            slot.release()
+            self.publisher.forget(slot.model_id)
+        self.slots.clear()
         for model_id in self.table.ids():
-            served = self.table.remove(model_id)
-            if served is not None:
-                self.cache.release(served.artifact_key)
+            self.table.remove(model_id)
+
+    async def _bounded(self, what: str, aw: object) -> None:
+        try:
+            async with asyncio.timeout(STOP_STEP_S):
+                await aw  # type: ignore[misc]
+        except TimeoutError:
+            log.error("%s took longer than %.0fs; going on with the shutdown", what, STOP_STEP_S)
+        except Exception:
+            log.exception("%s failed; going on with the shutdown", what)
 
     async def _lease_loop(self) -> None:
+        backoff, outage = 0.2, None
         while True:
-            assert self.lease is not None
-            await self.lease.keep_alive()  # returns only when the lease is lost
-            log.warning("lease of instance %s lost; re-registering", self.identity.instance_id)
-            self.lease = await self.client.grant(self.lease_ttl_s)
-            await self._sync_instance()
-            for model_id in list(self._copies):
-                await self._sync_copy(model_id)
+            if self.lease is not None:
+                await self.lease.keep_alive()  # returns only when the lease is lost
+                log.warning("lease of instance %s lost; re-registering", self.instance_id)
+                self.lease = None
+            try:
+                lease = await self.client.grant(self.lease_ttl_s)
+            except Exception as exc:  # noqa: BLE001 - etcd down: retried, logged once per outage
+                if outage is None:
+                    outage = time.monotonic()
+                    log.warning("instance %s cannot re-register (%s); retrying with backoff", self.instance_id, exc)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, MAX_GRANT_BACKOFF_S)
+                continue
+            self.lease, backoff = lease, 0.2
+            if outage is not None:
+                log.info("instance %s re-registered after %.1fs", self.instance_id, time.monotonic() - outage)
+                outage = None
+            self.publisher.mark_all()  # every leased record again, under the new lease
 
-    # -- reconciling --------------------------------------------------------------------------
+    def _lease_id(self) -> int | None:
+        return None if self.lease is None else self.lease.id
+
+    def _lease_gone(self, lease_id: int) -> None:
+        if self.lease is not None and self.lease.id == lease_id:
+            self.lease.expired()  # keep_alive returns: the lease loop re-grants
+
+    # -- assignments --------------------------------------------------------------------------
 
     def _on_assignments(self, events: list[Event]) -> None:
-        self._wake.set()
+        self.direct.confirm(events)
+        names = {ev.key.rsplit("/", 1)[-1] for ev in events}
+        self.converge(names)
 
     def desired(self) -> dict[str, Assignment]:
         out: dict[str, Assignment] = {}
@@ -140,206 +193,149 @@ class Agent:
                 log.warning("ignoring malformed assignment %s: %s", key, exc)
                 continue
             out[key.rsplit("/", 1)[-1]] = assignment
-        return out
+        return self.direct.apply(out)
 
-    async def _reconcile_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self.reconcile()
+    def assignment(self, model_id: str) -> Assignment | None:
+        """What the model should be here: placement's direct word while the watch has not
+        confirmed it (puller/direct.py), else the watched assignment."""
+        overridden, direct = self.direct.lookup(model_id)
+        if overridden:
+            return direct
+        value = self.view.get(self.keys.assignment(self.instance_id, model_id))
+        if value is None:
+            return None
+        try:
+            return types.decode(Assignment, value)
+        except ValueError:
+            return None  # logged by desired()
 
-    def reconcile(self) -> None:
-        desired = self.desired()
-        # Unloads first: a load that needs their memory waits for them (`_await_room`).
-        for model_id in self.table.ids():
-            if model_id not in desired and model_id not in self._unloading:
-                self._unloading[model_id] = self._spawn(self._unload(model_id))
-        for model_id, assignment in desired.items():
-            if model_id in self.table or model_id in self._loading or model_id in self._unloading:
-                continue  # an unload in progress wakes reconcile again when done
-            if self._failed.get(model_id) == assignment:
+    def converge(self, model_ids: set[str] | None = None) -> None:
+        """Queues a converge on each named model (every known one when None)."""
+        self._changed.set()
+        if self.stopping:
+            return
+        if model_ids is None:
+            model_ids = set(self.desired()) | set(self.slots)
+        for model_id in model_ids:
+            self._slot(model_id).converge()
+
+    def _slot(self, model_id: str) -> ModelSlot:
+        slot = self.slots.get(model_id)
+        if slot is None or slot.closed:
+            slot = self.slots[model_id] = ModelSlot(model_id, self)
+        return slot
+
+    def copy_changed(self, model_id: str) -> None:
+        self.direct.copy_changed()
+
+    def slot_gone(self, slot: ModelSlot) -> None:
+        if self.slots.get(slot.model_id) is slot:
+            del self.slots[slot.model_id]
+        self._changed.set()
+
+    def _on_resize(self, model_id: str, size_bytes: int, method: str) -> None:
+        slot = self.slots.get(model_id)
+        if slot is not None and not slot.closed:
+            slot.resize(size_bytes, method)
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def held_bytes(self) -> int:
+        """Memory of the loaded copies and of those still draining."""
+        return self.table.used_bytes() + held_bytes(self.slots)
+
+    async def wait_room(self, predicted_bytes: int) -> None:
+        """The unload buffer: a load starts once its predicted bytes fit beside the memory
+        held (draining copies included), or once no copy is draining (nothing more will be
+        freed here: placement's plan is the authority). Woken by each drain's end."""
+
+        def ready() -> bool:
+            draining = held_bytes(self.slots)
+            return draining == 0 or self.held_bytes() + predicted_bytes <= self.identity.capacity_bytes
+
+        if ready():
+            return
+        self.metrics.load_waits.inc()
+        async with self._room:
+            await self._room.wait_for(ready)
+
+    def memory_freed(self) -> None:
+        asyncio.get_running_loop().create_task(self._notify_room())
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    # -- draining -----------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float, stop: asyncio.Event) -> bool:
+        """Marks the pod draining and waits until it holds nothing and has no assignments (True),
+        or until `timeout_s`, `stop`, or nobody could move its models for NO_MOVER_S (False):
+        no placement leader, or no other pod that is not draining."""
+        self.draining = True
+        self.publisher.instance_changed()
+        start = time.monotonic()
+        log.info("instance %s draining: %d models held; waiting up to %.0fs for placement to move them",
+                 self.instance_id, len(self.slots), timeout_s)
+        stuck_since: float | None = None
+        while not stop.is_set():
+            self._changed.clear()  # before looking: a change while we look wakes the wait
+            if not self.slots and not self.desired():
+                log.info("instance %s drained in %.1fs", self.instance_id, time.monotonic() - start)
+                return True
+            left = timeout_s - (time.monotonic() - start)
+            if left <= 0:
+                log.warning("instance %s: drain timed out after %.0fs with %d models still held (%s)",
+                            self.instance_id, timeout_s, len(self.slots), ", ".join(sorted(self.slots)))
+                return False
+            why = await self._nobody_can_move()
+            if why is None:
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = time.monotonic()
+            elif time.monotonic() - stuck_since >= NO_MOVER_S:
+                log.warning("instance %s: %s for %.0fs, nobody will move its %d models; stopping without waiting",
+                            self.instance_id, why, NO_MOVER_S, len(self.slots))
+                return False
+            try:
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        return False
+
+    async def _nobody_can_move(self) -> str | None:
+        """Why no one can take this pod's models now; None when someone may (or etcd cannot
+        tell: the drain then waits out its timeout)."""
+        try:
+            if await self.client.get(self.keys.leader()) is None:
+                return "no placement leader"
+            kvs, _ = await self.client.get_prefix(self.keys.prefix(INSTANCES))
+        except Exception:  # noqa: BLE001 - etcd down: keep serving until the timeout
+            return None
+        for kv in kvs:
+            try:
+                other = types.decode(InstanceRecord, kv.value)
+            except ValueError:
                 continue
-            self._failed.pop(model_id, None)
-            self._loading[model_id] = self._spawn(self._load(model_id, assignment))
-        for model_id in list(self._failed):
-            if model_id not in desired:
-                del self._failed[model_id]
-                self._copies.pop(model_id, None)
-                self._spawn(self._sync_copy(model_id))
+            if other.instance_id != self.instance_id and not other.draining:
+                return None
+        return "no other pod that is not draining"
 
-    def _spawn(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    # -- the instance record ------------------------------------------------------------------
 
-    async def _load(self, model_id: str, assignment: Assignment) -> None:
-        try:
-            self._set_copy(model_id, CopyState.LOADING)
-            # Written beside the load, not before it: per-model writes are serialised and each
-            # writes the record as it is then, so LOADING can never land after LOADED.
-            self._spawn(self._sync_copy(model_id))
-            artifact = await self.cache.acquire(assignment.storage_uri, assignment.sha256)
-            try:
-                await self._await_room(assignment.predicted_bytes)
-                model = await self.executor.load(model_id, str(artifact.path))
-            except BaseException:
-                self.cache.release(artifact.key)
-                raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._load_failed(model_id, assignment, exc)
-            return
-        finally:
-            self._loading.pop(model_id, None)
-        self.metrics.loads.labels("ok").inc()
-        self.metrics.load_seconds.observe(model.load_ms / 1000)
-        if model_id not in self.desired():  # unassigned while loading: discard
-            log.info("model %s was unassigned while loading; discarding it", model_id)
-            self.cache.release(artifact.key)
-            self._copies.pop(model_id, None)
-            await self._sync_copy(model_id)
-            return
-        batcher = batching.for_model(
-            model, self.executor, assignment.max_batch_size, assignment.max_queue_delay_us, self.metrics
+    def instance_record(self) -> InstanceRecord:
+        used = self.held_bytes()
+        self.metrics.used_bytes.set(used)
+        self.metrics.models_loaded.set(len(self.table))
+        return InstanceRecord(
+            instance_id=self.instance_id,
+            address=self.address,
+            capacity_bytes=self.identity.capacity_bytes,
+            used_bytes=used,
+            models=tuple(self.table.ids()),
+            device=self.identity.device,
+            devices=self.identity.devices,
+            started_unix_ms=self.started_unix_ms,
+            draining=self.draining,
         )
-        self.table.add(Served(model, artifact.key, self.clock.unix_ms(), batcher=batcher))
-        log.info("loaded model %s (%d bytes, %d ms)", model_id, model.size_bytes, model.load_ms)
-        # Stats (the measured size) in the same transaction: whoever sees the copy LOADED sees
-        # its size too. A successful load sets every stats field (and clears a stale error),
-        # so nothing is read first.
-        stats = ModelStats(
-            model_id=model_id,
-            size_bytes=model.size_bytes,
-            load_ms=model.load_ms,
-            inputs=tuple(s.as_dict() for s in model.inputs.values()),
-            outputs=tuple(s.as_dict() for s in model.outputs.values()),
-        )
-        self._set_copy(model_id, CopyState.LOADED, size_bytes=model.size_bytes, load_ms=model.load_ms)
-        await self._sync_copy(model_id, also=[put_op(self.keys.stats(model_id), types.encode(stats))])
-        await self._sync_instance()
-        self._wake.set()  # the assignment may have gone meanwhile
-
-    async def _load_failed(self, model_id: str, assignment: Assignment, exc: Exception) -> None:
-        reason = exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
-        log.warning("loading model %s failed: %s", model_id, reason)
-        self.metrics.loads.labels("failed").inc()
-        if model_id not in self.desired():
-            self._copies.pop(model_id, None)
-            await self._sync_copy(model_id)
-            return
-        self._failed[model_id] = assignment
-        self._set_copy(model_id, CopyState.FAILED, error=reason)
-        await self._sync_copy(model_id)
-        await self._put_error(model_id, reason)
-        self._wake.set()
-
-    async def _await_room(self, predicted_bytes: int) -> None:
-        """The unload buffer: a load starts once the measured use plus its predicted bytes fit
-        under capacity, or once the unloads under way (whose memory it may need) are done."""
-        waited = False
-        while self._unloading and self.table.used_bytes() + predicted_bytes > self.identity.capacity_bytes:
-            if not waited:
-                self.metrics.load_waits.inc()
-                waited = True
-            await asyncio.wait(list(self._unloading.values()))
-
-    async def _unload(self, model_id: str) -> None:
-        try:
-            start = time.perf_counter()
-            served = self.table.remove(model_id)
-            if served is not None:
-                self.cache.release(served.artifact_key)
-                # In-flight requests hold the session: its memory is freed when they finish,
-                # and loads waiting for this unload wait for that too (bounded).
-                for _ in range(int(UNLOAD_DRAIN_S / DRAIN_POLL_S)):
-                    if served.in_flight <= 0:
-                        break
-                    await asyncio.sleep(DRAIN_POLL_S)
-                del served
-                self.metrics.unloads.inc()
-                self.metrics.unload_seconds.observe(time.perf_counter() - start)
-                log.info("unloaded model %s", model_id)
-            self._copies.pop(model_id, None)
-            # The memory is free now: loads waiting in _await_room go on while etcd is told.
-            self._spawn(self._sync_unloaded(model_id))
-        finally:
-            self._unloading.pop(model_id, None)
-            self._wake.set()  # it may have been re-assigned meanwhile
-
-    async def _sync_unloaded(self, model_id: str) -> None:
-        await self._sync_copy(model_id)
-        await self._sync_instance()
-
-    # -- writing etcd -------------------------------------------------------------------------
-
-    def _set_copy(self, model_id: str, state: CopyState, **fields: object) -> None:
-        self._copies[model_id] = CopyRecord(
-            model_id=model_id,
-            instance_id=self.identity.instance_id,
-            address=self.identity.address,
-            state=state,
-            updated_unix_ms=self.clock.unix_ms(),
-            **fields,  # type: ignore[arg-type]
-        )
-
-    def _lease_id(self) -> int:
-        assert self.lease is not None
-        return self.lease.id
-
-    async def _sync_copy(self, model_id: str, also: Sequence[rpc_pb2.RequestOp] = ()) -> None:
-        """Writes the model's current copy record, or deletes it when there is none (with the
-        operations in `also`, in one transaction)."""
-        key = self.keys.copy(model_id, self.identity.instance_id)
-        lock = self._copy_locks[model_id]
-        async with lock:
-            record = self._copies.get(model_id)
-            try:
-                if also:
-                    own = delete_op(key) if record is None else put_op(key, types.encode(record), self._lease_id())
-                    await self.client.txn([], [*also, own])
-                elif record is None:
-                    await self.client.delete(key)
-                else:
-                    await self.client.put(key, types.encode(record), lease=self._lease_id())
-            except MeshError as exc:
-                log.warning("could not write copy record of %s: %s", model_id, exc)
-
-    async def _sync_instance(self) -> None:
-        async with self._instance_lock:
-            used = self.table.used_bytes()
-            self.metrics.used_bytes.set(used)
-            self.metrics.models_loaded.set(len(self.table))
-            record = InstanceRecord(
-                instance_id=self.identity.instance_id,
-                address=self.identity.address,
-                capacity_bytes=self.identity.capacity_bytes,
-                used_bytes=used,
-                models=tuple(self.table.ids()),
-                device=self.identity.device,
-                devices=self.identity.devices,
-                started_unix_ms=self.started_unix_ms,
-            )
-            try:
-                await self.client.put(
-                    self.keys.instance(self.identity.instance_id), types.encode(record), lease=self._lease_id()
-                )
-            except MeshError as exc:
-                log.warning("could not write instance record: %s", exc)
-
-    async def _put_error(self, model_id: str, error: str) -> None:
-        """Records a failed load in the model's stats, keeping what earlier loads measured."""
-        key = self.keys.stats(model_id)
-        try:
-            current = await self.client.get(key)
-            stats = ModelStats(model_id=model_id)
-            if current is not None:
-                try:
-                    stats = types.decode(ModelStats, current.value)
-                except ValueError:
-                    pass
-            stats = dataclasses.replace(stats, last_error=error, last_error_unix_ms=self.clock.unix_ms())
-            await self.client.put(key, types.encode(stats))
-        except MeshError as exc:
-            log.warning("could not write stats of %s: %s", model_id, exc)

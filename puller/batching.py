@@ -24,7 +24,10 @@ A run takes at most `max_batch_size` rows. Requests that cannot join a batch (no
 the feeds, or `max_batch_size` rows or more alone) run alone, in the same queue. When a batched
 run fails (onnxruntime rejected some request's values) or its outputs cannot be split on axis
 0, each request is run alone, so a bad request fails alone. A caller cancelled while its request
-is queued removes it from the queue. Event-loop only; the runs go to the Executor's pool.
+is queued removes it from the queue, and a queued request whose deadline has passed is answered
+DEADLINE_EXCEEDED instead of joining a run. The queue is bounded by the pod's admission control
+(puller/admission.py counts a batching model's queued requests with its running ones).
+Event-loop only; the runs go to the Executor's pool.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mesh.errors import DeadlineExceeded
 from mesh.metrics import Metrics
 from puller.executor import Executor, LoadedModel
 
@@ -56,6 +60,7 @@ class _Pending:
     rows: int
     future: asyncio.Future[list[np.ndarray]]
     arrived: float  # loop.time()
+    deadline: float | None = None  # loop.time() after which the caller no longer waits
 
 
 @dataclasses.dataclass(eq=False)
@@ -121,8 +126,11 @@ class Batcher:
         """Runs in progress."""
         return self._in_flight
 
-    async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        """Runs one request's feeds, batched with compatible ones when possible."""
+    async def run(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], deadline: float | None = None
+    ) -> list[np.ndarray]:
+        """Runs one request's feeds, batched with compatible ones when possible. `deadline`
+        (loop.time(); None: none): still queued then, the request is not run."""
         loop = asyncio.get_running_loop()
         found = group_key(feeds, outputs)
         if found is None or found[1] >= self.max_batch_size:
@@ -133,7 +141,7 @@ class Batcher:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(outputs)
-        pending = _Pending(feeds, rows, loop.create_future(), loop.time())
+        pending = _Pending(feeds, rows, loop.create_future(), loop.time(), deadline)
         group.pending.append(pending)
         group.rows += rows
         if not self._scheduled:
@@ -187,6 +195,7 @@ class Batcher:
         """Up to max_batch_size rows from the head of a group (always at least one request)."""
         batch: list[_Pending] = []
         rows = 0
+        now = asyncio.get_running_loop().time()
         while group.pending:
             p = group.pending[0]
             if batch and rows + p.rows > self.max_batch_size:
@@ -194,6 +203,11 @@ class Batcher:
             group.pending.popleft()
             group.rows -= p.rows
             if p.future.done():  # its caller went without withdrawing (should not happen)
+                continue
+            if p.deadline is not None and now >= p.deadline:  # its caller stops waiting: not run
+                p.future.set_exception(DeadlineExceeded(
+                    f"model '{self.model.model_id}': the request's deadline passed while it was queued; not run"
+                ))
                 continue
             batch.append(p)
             rows += p.rows

@@ -9,6 +9,15 @@ into objects/ (atomic on one file system), so a crash never leaves a half file u
 One download per key however many callers ask (SingleFlight). Artifacts in use are pinned
 (`acquire` / `release`); when the cache is over `cache_bytes`, the least recently used
 unpinned artifacts go. Index changes that move files hold one short lock, never a download.
+
+The disk is the other bound: the budget may be set above what the volume holds. Before a
+download writes a byte (once its size is known: the file's size, the Content-Length, or what
+an earlier attempt found it needed) the cache makes room for it on the real file system
+(os.statvfs, less what downloads in progress still have to write), evicting least recently
+used unpinned artifacts; when even evicting all of them cannot make room it fails at once,
+evicting nothing. A write that still hits ENOSPC/EDQUOT (the size was not known, or something
+else filled the disk) loses its partial file, evicts for the size and is retried once; then the
+load fails with a reason that says how much was needed and how much is free (F19).
 """
 
 from __future__ import annotations
@@ -24,17 +33,40 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 
 from mesh.errors import LoadFailed
 from mesh.metrics import Metrics
 from mesh.singleflight import SingleFlight
-from puller.storage import Provider, client_for
+from puller.storage import DiskFull, Provider, client_for, is_disk_full
 
 log = logging.getLogger(__name__)
 
 ARTIFACT = "model.onnx"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Disk:
+    """What os.statvfs says of the cache's file system, in bytes."""
+
+    free: int  # available to this (unprivileged) process
+    total: int
+    block: int  # allocation unit: a file of n bytes takes n rounded up to it
+
+
+def statvfs_disk(path: pathlib.Path) -> Disk:
+    st = os.statvfs(path)
+    return Disk(free=st.f_bavail * st.f_frsize, total=st.f_blocks * st.f_frsize, block=st.f_frsize or 4096)
+
+
+@dataclasses.dataclass
+class _Writing:
+    """A download in progress that reserved room: its temp file and its expected size."""
+
+    part: pathlib.Path
+    size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +95,8 @@ def file_sha256(path: pathlib.Path) -> str:
 
 class ArtifactCache:
     def __init__(
-        self, root: pathlib.Path, budget_bytes: int, storage: dict[str, Provider], metrics: Metrics
+        self, root: pathlib.Path, budget_bytes: int, storage: dict[str, Provider], metrics: Metrics,
+        disk: Callable[[pathlib.Path], Disk] = statvfs_disk,
     ) -> None:
         self.root = root
         self.objects = root / "objects"
@@ -75,6 +108,9 @@ class ArtifactCache:
         self._pins: collections.Counter[str] = collections.Counter()
         self._flight: SingleFlight[str, None] = SingleFlight()
         self._lock = asyncio.Lock()
+        self._disk = disk
+        self._writing: dict[str, _Writing] = {}  # key -> a download that reserved room
+        self._needed: dict[str, int] = {}  # key -> bytes an earlier attempt ran out of room for
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -152,7 +188,7 @@ class ArtifactCache:
         start = time.perf_counter()
         part = self.tmp / f"{key}-{uuid.uuid4().hex[:8]}.part"
         try:
-            await client_for(self.storage, uri).pull(uri, str(part))
+            await self._pull(key, uri, part)
             if sha256:
                 actual = await asyncio.to_thread(file_sha256, part)
                 if actual != key:
@@ -160,11 +196,104 @@ class ArtifactCache:
             async with self._lock:
                 size = await asyncio.to_thread(self._install, part, key)
                 self._index[key] = size
+                self._needed.pop(key, None)
                 await self._evict_over_budget()
         finally:
+            self._writing.pop(key, None)
             await asyncio.to_thread(part.unlink, missing_ok=True)
         self.metrics.cache_miss_seconds.labels("runtime").observe(time.perf_counter() - start)
         self._report()
+
+    async def _pull(self, key: str, uri: str, part: pathlib.Path) -> None:
+        """Pulls into `part`, with room made first; on a full disk, evicts and retries once."""
+        client = client_for(self.storage, uri)
+        known: list[int] = []
+        evicted = [0]  # by this pull, for the reason
+
+        async def reserve(size: int) -> None:
+            known.append(size)
+            evicted[0] += await self._make_room(key, part, size, evicted[0])
+
+        if (hint := self._needed.get(key)) is not None:
+            await reserve(hint)  # it failed for want of room before: fail fast if still none
+        for attempt in (1, 2):
+            try:
+                await client.pull(uri, str(part), reserve)
+                return
+            except (DiskFull, OSError) as exc:
+                if not isinstance(exc, DiskFull) and not is_disk_full(exc):
+                    raise
+                written = exc.written if isinstance(exc, DiskFull) else _size_of(part)
+                size = exc.size if isinstance(exc, DiskFull) and exc.size else (known[-1] if known else None)
+                # What it needs for sure: its size, else more than was written. Only that lower
+                # bound is remembered (a later load refused on a guess could never succeed).
+                floor = max(size or written + 1, self._needed.get(key, 0))
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                self._needed[key] = floor
+                log.warning("artifact %s: the cache disk filled up after %d bytes (attempt %d of 2)",
+                            key, written, attempt)
+                if attempt == 2:
+                    disk = await asyncio.to_thread(self._disk, self.root)
+                    raise LoadFailed(self._no_space(floor, disk, evicted[0], exact=size is not None)) from None
+                # Unknown size: evict for what was written plus a chunk, so the retry gets further.
+                evict_for = size or written + _HASH_CHUNK
+                evicted[0] += await self._make_room(key, part, evict_for, evicted[0], after_full=True)
+
+    async def _make_room(self, key: str, part: pathlib.Path, size: int, before: int = 0,
+                         after_full: bool = False) -> int:
+        """Evicts least recently used unpinned artifacts until `size` bytes fit on the disk
+        (and, softly, in the budget); returns how many went. Raises LoadFailed, evicting
+        nothing, when even all of them would not make room (`before`: evicted earlier in the
+        same pull, for the reason). `after_full`: the disk said ENOSPC already, so nothing is
+        refused here; the retry's own reserve, or its write, decides."""
+        async with self._lock:
+            self._writing[key] = _Writing(part, size)
+            disk = await asyncio.to_thread(self._disk, self.root)
+            pending = await asyncio.to_thread(self._pending, key)
+            need = _rounded(size, disk.block) + disk.block  # its blocks and the folder's
+            unpinned = [k for k in self._index if not self.pinned(k) and k != key]
+            reclaimable = sum(_rounded(self._index[k], disk.block) for k in unpinned)
+            if not after_full and disk.free - pending + reclaimable < need:
+                self._writing.pop(key, None)
+                raise LoadFailed(self._no_space(size, disk, before, pending))
+            evicted = freed = 0
+            for victim in unpinned:
+                over_budget = self.size_bytes + self._reserved_bytes() > self.budget_bytes
+                # After ENOSPC statvfs is no judge (quotas, root's reserved blocks, another
+                # writer): free what the artifact needs by eviction alone.
+                room = freed >= need if after_full else disk.free - pending >= need
+                if room and not over_budget:
+                    break
+                gone = self._index.pop(victim)
+                await asyncio.to_thread(self._remove, victim)
+                self.metrics.artifact_evictions.inc()
+                evicted += 1
+                freed += _rounded(gone, disk.block)
+                log.info("evicted artifact %s (%d bytes) to make room for %s (%d bytes)", victim, gone, key, size)
+                disk = await asyncio.to_thread(self._disk, self.root)
+            self._report()
+            if not after_full and disk.free - pending < need:
+                self._writing.pop(key, None)
+                raise LoadFailed(self._no_space(size, disk, before + evicted, pending))
+            return evicted
+
+    def _pending(self, key: str) -> int:
+        """Bytes other downloads that reserved room have still to write (their temp files
+        hold the rest, which statvfs already counts as used)."""
+        return sum(max(0, w.size - _size_of(w.part)) for k, w in self._writing.items() if k != key)
+
+    def _reserved_bytes(self) -> int:
+        return sum(w.size for w in self._writing.values())
+
+    def _no_space(self, needed: int, disk: Disk, evicted: int, pending: int = 0, exact: bool = True) -> str:
+        # The user's reason: no path of the pod's own (the cache dir is an operator's detail).
+        free = max(0, disk.free - pending)
+        also = f"; the cache disk holds {disk.total} bytes in all" if needed > disk.total else ""
+        return (
+            f"no space left on the cache disk ({'' if exact else 'at least '}{needed} bytes needed, "
+            f"{free} free after evicting "
+            f"{evicted} unused artifacts{also}); raise the volume or lower MESH_RUNTIME_CACHE_BYTES"
+        )
 
     def _install(self, part: pathlib.Path, key: str) -> int:
         folder = self.objects / key
@@ -204,3 +333,14 @@ class ArtifactCache:
 
     def _report(self) -> None:
         self.metrics.artifact_cache_bytes.set(self.size_bytes)
+
+
+def _rounded(size: int, block: int) -> int:
+    return -(-size // block) * block
+
+
+def _size_of(path: pathlib.Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

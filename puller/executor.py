@@ -9,6 +9,12 @@ allocated on the device and copied to host once after the run. BYTES tensors can
 a device, so models with BYTES inputs or outputs run through `session.run`. IOBinding reports
 every failure as a bare RuntimeError, so a failed bound run is repeated once through
 `session.run`, whose typed error tells a rejected input (INVALID_ARGUMENT) from a failure.
+
+Footprints (puller/footprint.py): a load measures session creation plus a warm-up run at the
+model's declared batch (`load(batch=)`: the assignment's max_batch_size; 1 when it has none);
+a request with more input elements than any measured run is re-measured once, in the executor
+thread, and a changed figure is written to `LoadedModel.size_bytes` in place and reported
+through `Executor.on_resize(model_id, size_bytes, method)` on the event loop thread.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -29,7 +35,7 @@ from mesh import demo
 from mesh.errors import InvalidArgument, LoadFailed, MeshError
 from puller import gpu
 from puller.datatypes import ORT_TO_V2, V2, TensorSpec
-from puller.footprint import Footprint, probe_for
+from puller.footprint import FILE_SIZE, Footprint, Measured, probe_for
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,12 @@ class LoadedModel:
     load_ms: int
     bytes_inputs: frozenset[str] = frozenset()  # BYTES inputs: onnxruntime wants str
     bound: bool = False  # runs through IOBinding (see the module docstring)
+    measure_method: str = FILE_SIZE  # how size_bytes was measured (puller/footprint.py)
+    # The figure's parts: what the session holds, and the largest transient peak of a run
+    # on top; and the input elements of the largest run measured so far.
+    steady_bytes: int = 0
+    peak_bytes: int = 0
+    measured_elements: int = 0
 
 
 def _dims(shape: Sequence[object]) -> tuple[int, ...]:
@@ -59,6 +71,10 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     if datatype is None:
         raise LoadFailed(f"tensor '{arg.name}' has type {arg.type}, which meshserve cannot serve")
     return TensorSpec(arg.name, datatype, _dims(arg.shape))
+
+
+def _elements(feeds: Mapping[str, np.ndarray]) -> int:
+    return sum(int(arr.size) for arr in feeds.values())
 
 
 def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
@@ -93,28 +109,45 @@ class Executor:
         # free for requests.
         self._measure = asyncio.Lock()
         self._primed = False
+        # Called on the event loop thread when a re-measure changes a model's size_bytes:
+        # (model_id, new size_bytes, method). The agent rewrites its records from it.
+        self.on_resize: Callable[[str, int, str], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def load(self, model_id: str, path: str) -> LoadedModel:
-        loop = asyncio.get_running_loop()
+    async def load(self, model_id: str, path: str, batch: int = 0) -> LoadedModel:
+        """Creates, warms up (at `batch` rows where the first dimension is dynamic) and
+        measures a session."""
+        loop = self._loop = asyncio.get_running_loop()
         async with self._measure:
-            return await loop.run_in_executor(self.pool, self._load, model_id, path)
+            return await loop.run_in_executor(self.pool, self._load, model_id, path, max(batch, 1))
 
-    def _load(self, model_id: str, path: str) -> LoadedModel:
+    def _load(self, model_id: str, path: str, batch: int) -> LoadedModel:
         start = time.perf_counter()
         file_size = os.path.getsize(path)
         self._prime()
+        elements = 0
+
+        def warm_up(created: tuple[ort.InferenceSession, dict[str, TensorSpec], object, object]) -> None:
+            nonlocal elements
+            elements = self._warm_up(model_id, created[0], created[1], batch)
+
         (session, inputs, outputs, bytes_inputs), measured = self.footprint.measure(
-            lambda: self._create(model_id, path)
+            lambda: self._create(model_id, path), warm_up
         )
-        if measured > 0:
-            size = measured
-        else:  # below the probe's resolution (a tiny model): its weights are the best figure
-            log.debug("footprint of %s below measurement resolution; using its file size", model_id)
-            size = file_size
+        if measured.bytes <= 0:
+            # Never silently: the figure says it is the file size, and the log says which
+            # measurement gave nothing.
+            log.warning("footprint of model '%s': %s measured nothing; booking its file size (%d bytes)",
+                        model_id, measured.method, file_size)
+            measured = Measured(file_size, FILE_SIZE)
         load_ms = int((time.perf_counter() - start) * 1000)
         has_bytes = bool(bytes_inputs) or any(s.datatype == "BYTES" for s in outputs.values())
         bound = self.io_binding and not has_bytes
-        return LoadedModel(model_id, session, inputs, outputs, size, load_ms, bytes_inputs, bound)
+        return LoadedModel(
+            model_id, session, inputs, outputs, measured.bytes, load_ms, bytes_inputs, bound,
+            measure_method=measured.method, steady_bytes=measured.steady, peak_bytes=measured.transient,
+            measured_elements=elements,
+        )
 
     def _prime(self) -> None:
         """Pays onnxruntime's one-time process costs (thread pools, allocators, kernels
@@ -129,13 +162,25 @@ class Executor:
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(tiny, sess_options=options, providers=self.providers)
             session.run(None, {"input": np.ones((1, 4), dtype=np.float32)})
+            calibrate = getattr(self.footprint.probe, "calibrate", None)
+            if calibrate is not None:
+
+                def create(arena: bool) -> ort.InferenceSession:
+                    opts = ort.SessionOptions()
+                    opts.intra_op_num_threads, opts.inter_op_num_threads = self.intra_op_threads, 1
+                    opts.enable_cpu_mem_arena = arena
+                    made = ort.InferenceSession(tiny, sess_options=opts, providers=self.providers)
+                    made.run(None, {"input": np.ones((1, 4), dtype=np.float32)})
+                    return made
+
+                calibrate(create)
         except Exception as exc:  # noqa: BLE001 - only makes the first figure less exact
             log.debug("onnxruntime priming session failed: %s", exc)
 
     def _create(
         self, model_id: str, path: str
     ) -> tuple[ort.InferenceSession, dict[str, TensorSpec], dict[str, TensorSpec], frozenset[str]]:
-        """Session creation + warm-up: everything the footprint measures."""
+        """Session creation (the footprint measures it with the warm-up that follows)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -147,13 +192,16 @@ class Executor:
         inputs = {arg.name: _spec(arg) for arg in session.get_inputs()}
         outputs = {arg.name: _spec(arg) for arg in session.get_outputs()}
         bytes_inputs = frozenset(n for n, s in inputs.items() if s.datatype == "BYTES")
-        self._warm_up(model_id, session, inputs)
         return session, inputs, outputs, bytes_inputs
 
-    def _warm_up(self, model_id: str, session: ort.InferenceSession, inputs: Mapping[str, TensorSpec]) -> None:
+    def _warm_up(
+        self, model_id: str, session: ort.InferenceSession, inputs: Mapping[str, TensorSpec], batch: int = 1
+    ) -> int:
+        """One run on dummy feeds, `batch` rows where the first dimension is dynamic (1 for
+        the other dynamic dimensions); the input elements it measured (0 when it failed)."""
         feeds: dict[str, np.ndarray] = {}
         for name, spec in inputs.items():
-            shape = tuple(d if d >= 0 else 1 for d in spec.shape)
+            shape = tuple(d if d >= 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape))
             if spec.datatype == "BYTES":
                 feeds[name] = np.full(shape, "", dtype=object)
             else:
@@ -162,12 +210,43 @@ class Executor:
             session.run(None, feeds)
         except Exception as exc:  # some graphs reject dummy values; serving may still work
             log.warning("warm-up run of model '%s' failed (serving anyway): %s", model_id, exc)
+            return 0
+        return _elements(feeds)
 
     async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self._run, model, feeds, outputs)
 
     def _run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        elements = _elements(feeds)
+        if elements <= model.measured_elements:
+            return self._run_once(model, feeds, outputs)
+        # Larger than any run measured: its arena growth and peak are measured, once per new
+        # largest size (waiting for a load's measurement, at most one load's create + warm-up).
+        result, measured = self.footprint.remeasure(lambda: self._run_once(model, feeds, outputs))
+        model.measured_elements = max(model.measured_elements, elements)
+        self._grow(model, measured)
+        return result
+
+    def _grow(self, model: LoadedModel, measured: Measured) -> None:
+        steady = model.steady_bytes + measured.steady
+        peak = max(model.peak_bytes, measured.transient)
+        size = steady + peak
+        # Below this a re-measure is noise (Python objects, a page of arena): no record churn.
+        if size - model.size_bytes < max(64 << 10, model.size_bytes // 100):
+            return
+        model.steady_bytes, model.peak_bytes = steady, peak
+        model.size_bytes, model.measure_method = size, measured.method
+        log.info("model %s re-measured at %d bytes (%s) after a larger request", model.model_id, size, measured.method)
+        loop, hook = self._loop, self.on_resize
+        if loop is None or hook is None:
+            return
+        try:
+            loop.call_soon_threadsafe(hook, model.model_id, size, measured.method)
+        except RuntimeError:  # the loop has closed: shutting down
+            pass
+
+    def _run_once(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         if model.bound:
             try:
                 return self._run_bound(model, feeds, outputs)

@@ -1,27 +1,43 @@
-"""A model's measured footprint: the memory its session really took, not its file size.
+"""A model's measured footprint: the memory its session really adds, not its file size.
 
-    GPU pod: NVML. Per device, this process's used device memory (the per-process figure from
-             nvmlDeviceGetComputeRunningProcesses; the device-wide `used` where the driver does
-             not report processes, e.g. some MIG setups) before session creation and after the
-             warm-up run; the footprint is the summed growth.
-    CPU pod: the bytes this process's heap has in use (glibc mallinfo2: allocated chunks plus
-             mmapped chunks) before session creation and after the warm-up run. A session's
-             weights, graph and arenas are heap allocations; freed-but-cached heap pages are not
-             "in use", so the figure neither hides nor inflates them, and reading it costs
-             microseconds. It counts what onnxruntime has allocated, including the first chunk
-             of its CPU memory arena (about 1 MiB per session, reserved for intermediate
-             tensors and resident once runs use it), which a page-level figure (PSS) only
-             counts once touched: for tiny models the heap figure is ~1 MiB higher, for large
-             ones the two agree within a few percent. Where mallinfo2 is missing (not glibc):
-             the process's PSS (RSS where smaps_rollup is unreadable) read right after
-             malloc_trim(0) instead. (The trim is
-             the costly part: it hands freed pages back, so the next session creation faults
-             them in again - about 16 ms per 8 MiB model here, which is why it is the fallback.)
+Every figure says how it was measured (`Measured.method`, shown in `mesh status`):
+
+    CPU pod, "rss+peak" / "heap+peak": the larger of two readings taken around session
+             creation + warm-up, plus the warm-up's transient peak.
+             - rss: growth of this process's resident anonymous memory (/proc/self/status
+               RssAnon). Exactly what the load added, including the glibc heap fragments it
+               leaves behind - but a load that reuses memory freed by an earlier unload
+               (glibc keeps freed heap pages) grows it by less than the session holds.
+             - heap: growth of glibc's in-use heap (mallinfo2), which no reuse can hide, less
+               the untouched part of onnxruntime's per-session CPU arena chunk (~1 MiB
+               reserved at the first run, resident only where a run wrote). That reserve is
+               calibrated once per process on two throwaway sessions, arena on and off
+               (`calibrate`), so a 0.1 MB model is booked at its ~0.23 MiB, not ~1.2 MiB.
+               Fresh mmapped chunks count only as far as the resident growth shows them
+               written (the arena sizes a region for one 256 MiB tensor at 512 MiB).
+             - peak: VmHWM is reset (/proc/self/clear_refs) after creation and read after the
+               warm-up; what was resident at the peak but freed by the end (a tensor built
+               and dropped on every run) is added on top.
+             The method names whichever reading was larger. Without glibc's mallinfo2 only
+             the rss reading is taken; where clear_refs is not writable, no peak ("rss").
+    GPU pod: NVML per-process device memory (puller/gpu.py, NvmlProbe): "nvml-pid",
+             "nvml-nspid", "nvml-host-pid" or, where the driver lists no processes,
+             "nvml-device-delta".
+
+Why not PSS after malloc_trim(0): the trim hands freed pages back, so the next session
+creation faults them in again (an 8 MiB model: 29 ms instead of 12 ms). These readings are
+a /proc read (~7 us, a kept descriptor and buffer: a file object allocated between
+onnxruntime's allocations pins heap fragments and moved figures by ~10 %) and mallinfo2 (tens
+to hundreds of us: it walks glibc's free lists), and leave the heap alone. Why not glibc's in-use
+heap alone: it counts onnxruntime's reserved-but-untouched arena chunk (~1 MiB per session)
+and none of the heap fragments a load leaves resident; a fixed mmap threshold would make
+both readings agree but faults every load's buffers in fresh (an 8 MiB model: 21 ms vs 9).
 
 Attribution: a delta is only right if nothing else allocates meanwhile, so measurements are
-serialised (one at a time per process, `Footprint.measure` holds a lock around
-before -> load -> warm-up -> after). Requests running on already loaded sessions can still grow
-their own arenas during a measurement; warm-up runs keep that small.
+serialised (one at a time per process: `Footprint` holds a lock around before -> load ->
+warm-up -> after). Requests running on already loaded sessions can still grow their own
+arenas during a measurement; that only ever books more. A request larger than any measured
+one is re-measured once (`Footprint.remeasure`, under the same lock).
 
 Capacity: a GPU pod offers each device's total minus the configured reserve
 (MESH_RUNTIME_RESERVE); `devices()` describes every GPU and MIG slice for the instance record.
@@ -35,33 +51,34 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
+
+from puller.gpu import Device, Measured, NvmlProbe, devices  # noqa: F401 - re-exported (puller/main.py)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+FILE_SIZE = "file-size"  # the method recorded when no measurement gave anything
+
 
 class Probe(Protocol):
-    def sample(self) -> int:
-        """Bytes this process currently holds on the measured memory (host or devices)."""
+    def sample(self) -> Any:
+        """A reading of the memory this process holds (host or devices)."""
+        ...
+
+    def mark_peak(self) -> None:
+        """Start watching the transient peak (called after creation, before warm-up)."""
+        ...
+
+    def measured(self, before: Any, after: Any, *, new_session: bool) -> Measured:
+        """What was added between two readings. `new_session`: a session was created in
+        between (its arena reserve is discounted), not just a run."""
         ...
 
 
 # -- host -------------------------------------------------------------------------------------
-
-
-def _malloc_trim() -> Callable[[], None]:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is None:  # not glibc: readings are a little noisier, still measured
-        return lambda: None
-    return lambda: trim(0)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -69,8 +86,9 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _heap_in_use() -> Callable[[], int] | None:
-    """glibc's mallinfo2 (2.33+) as a function returning in-use heap bytes, or None."""
+def _heap_in_use() -> Callable[[], tuple[int, int, int]] | None:
+    """glibc's mallinfo2 (2.33+) as a function returning (bytes in use in heap chunks, in
+    mmapped chunks, heap regions' size), or None."""
     name = ctypes.util.find_library("c")
     try:
         fn = ctypes.CDLL(name).mallinfo2 if name else None
@@ -81,117 +99,132 @@ def _heap_in_use() -> Callable[[], int] | None:
     fn.restype = _MallInfo2
     fn.argtypes = []
 
-    def in_use() -> int:
+    def in_use() -> tuple[int, int, int]:
         info = fn()
-        return int(info.uordblks + info.hblkhd)
+        return int(info.uordblks), int(info.hblkhd), int(info.arena)
 
     return in_use
 
 
-class HostProbe:
-    """Heap bytes in use (mallinfo2); without it, PSS (or RSS) after malloc_trim(0)."""
-
-    def __init__(self, pid: int | None = None, heap: bool = True) -> None:
-        self.pid = pid or os.getpid()
-        self._heap = _heap_in_use() if heap and self.pid == os.getpid() else None
-        self._trim = _malloc_trim()
-
-    @property
-    def method(self) -> str:
-        return "heap" if self._heap is not None else "pss"
-
-    def sample(self) -> int:
-        if self._heap is not None:
-            return self._heap()
-        self._trim()
-        pss = self._pss()
-        return pss if pss is not None else self._rss()
-
-    def _pss(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
-
-    def _rss(self) -> int:
-        try:
-            with open(f"/proc/{self.pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
-
-
-# -- GPU --------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
-class Device:
-    """One GPU or MIG slice as the instance record lists it."""
-
-    index: str  # "0", or "0/mig1" for a MIG slice of GPU 0
-    name: str
-    total_bytes: int
-    capacity_bytes: int  # total minus the reserve
-
-    def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+class HostReading:
+    anon: int  # RssAnon
+    rss: int  # VmRSS
+    hwm: int  # VmHWM: peak VmRSS since the last reset
+    heap: tuple[int, int, int] | None  # mallinfo2: in heap chunks, in mmapped chunks, heap size
 
 
-def _handles(nvml: Any) -> list[tuple[str, Any, Any]]:
-    """(index, handle, parent handle) for every GPU, MIG slices in place of a MIG-enabled GPU."""
-    out: list[tuple[str, Any, Any]] = []
-    for i in range(nvml.nvmlDeviceGetCount()):
-        handle = nvml.nvmlDeviceGetHandleByIndex(i)
-        slices: list[tuple[str, Any, Any]] = []
-        try:
-            current, _ = nvml.nvmlDeviceGetMigMode(handle)
-            if current:
-                for j in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
-                    try:
-                        slices.append((f"{i}/mig{j}", nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j), handle))
-                    except Exception:  # noqa: BLE001 - an empty slot
-                        continue
-        except Exception:  # noqa: BLE001 - no MIG support on this GPU / driver
-            slices = []
-        out.extend(slices or [(str(i), handle, handle)])
-    return out
+_FIELDS = (b"\nRssAnon:", b"\nVmRSS:", b"\nVmHWM:")
 
 
-def devices(nvml: Any, reserve: int) -> tuple[Device, ...]:
-    """Every GPU / MIG slice with its capacity; the caller has run nvmlInit."""
+def _status(fd: int | None, buf: bytearray) -> tuple[int, ...]:
+    """Those fields of /proc/<pid>/status (bytes; 0 where missing), read through an open
+    descriptor into a reused buffer: a file object's buffers, allocated between onnxruntime's
+    allocations, each pinned a heap fragment and moved the figures by up to ~10 %."""
+    try:
+        n = os.preadv(fd, [buf], 0) if fd is not None else 0
+    except OSError:
+        n = 0
     out = []
-    for index, handle, _ in _handles(nvml):
-        total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
-        name = nvml.nvmlDeviceGetName(handle)
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        out.append(Device(index, name, total, max(total - reserve, 0)))
+    for key in _FIELDS:
+        start = buf.find(key, 0, n)
+        end = buf.find(b"kB", start, n)
+        out.append(int(buf[start + len(key):end]) * 1024 if 0 <= start < end else 0)
     return tuple(out)
 
 
-class NvmlProbe:
-    """Device memory this process holds, summed over the devices it measures."""
+class HostProbe:
+    """This process's resident memory, in-use heap and transient peak (module docstring)."""
 
-    def __init__(self, nvml: Any, pid: int | None = None, indices: Sequence[str] | None = None) -> None:
-        self.nvml = nvml
-        self.pid = pid or os.getpid()
-        self.handles = [(i, h) for i, h, _ in _handles(nvml) if indices is None or i in indices]
+    def __init__(self, heap: bool = True, peak: bool = True, proc: str = "/proc/self") -> None:
+        self._heap = _heap_in_use() if heap else None
+        try:  # kept open for the probe's life (closed when it is collected)
+            self._status: int | None = os.open(f"{proc}/status", os.O_RDONLY)
+        except OSError:
+            log.warning("cannot read %s/status: host footprints are the in-use heap only", proc)
+            self._status = None
+        self._buf = bytearray(1 << 14)
+        self._clear_refs = self._open_clear_refs(proc) if peak else None
+        self.arena_reserve = 0  # untouched bytes of a session's arena chunk (calibrate)
 
-    def sample(self) -> int:
-        return sum(self._used(h) for _, h in self.handles)
-
-    def _used(self, handle: Any) -> int:
+    @staticmethod
+    def _open_clear_refs(proc: str) -> int | None:
         try:
-            procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        except Exception:  # noqa: BLE001 - not reported here (MIG, permissions): device-wide
-            procs = None
-        if procs is not None and all(p.usedGpuMemory is not None for p in procs):
-            # Per-process figures: other processes on a shared device never count.
-            return sum(int(p.usedGpuMemory) for p in procs if p.pid == self.pid)
-        return int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used)
+            fd = os.open(f"{proc}/clear_refs", os.O_WRONLY)
+            os.write(fd, b"5")  # 5: reset the peak resident set size (VmHWM) to the current one
+            return fd
+        except OSError:
+            log.info("cannot reset VmHWM (%s/clear_refs); footprints have no transient peak", proc)
+            return None
+
+    @property
+    def _peak(self) -> bool:
+        return self._clear_refs is not None
+
+    def __del__(self) -> None:
+        # Only once unreachable: closing while a load may still read could hand the number
+        # to another file, and mark_peak would write "5" into it.
+        for fd in (getattr(self, "_status", None), getattr(self, "_clear_refs", None)):
+            if fd is not None:
+                os.close(fd)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        suffix = "+peak" if self._peak else ""
+        return ("rss" + suffix, "heap" + suffix) if self._heap is not None else ("rss" + suffix,)
+
+    def sample(self) -> HostReading:
+        anon, rss, hwm = _status(self._status, self._buf)
+        return HostReading(anon, rss, hwm, self._heap() if self._heap is not None else None)
+
+    def mark_peak(self) -> None:
+        if self._clear_refs is not None:
+            try:
+                os.write(self._clear_refs, b"5")
+            except OSError:
+                self._clear_refs = None
+
+    def measured(self, before: HostReading, after: HostReading, *, new_session: bool) -> Measured:
+        grew = after.anon - before.anon
+        held = -1
+        if before.heap is not None and after.heap is not None:
+            chunks, mapped, region = (a - b for a, b in zip(after.heap, before.heap, strict=True))
+            # Fresh mmapped chunks (glibc never reuses them) are resident only where written:
+            # what of them the resident growth outside the heap regions does not show is
+            # untouched (a power-of-two arena region sized for one big tensor, say). That may
+            # be the arena chunk itself, or else it is in the heap: discount it once.
+            untouched = max(mapped - max(grew - region, 0), 0) if mapped > 0 else 0
+            reserve = self.arena_reserve if new_session else 0
+            held = chunks + mapped - max(untouched, reserve)
+        # Freed by the end but resident at the peak: a warm-up's dropped tensors.
+        transient = max(after.hwm - after.rss, 0) if self._peak else 0
+        suffix = "+peak" if self._peak else ""
+        if held > grew:
+            return Measured(held + transient, "heap" + suffix, transient)
+        return Measured(max(grew, 0) + transient, "rss" + suffix, transient)
+
+    def calibrate(self, create: Callable[[bool], object], n: int = 8) -> None:
+        """Learns `arena_reserve`: `create(arena)` builds and runs a tiny session with
+        onnxruntime's CPU arena on or off; n of each are held at once. The reserve is the
+        in-use growth the arena adds less the resident growth it adds."""
+        if self._heap is None:
+            return
+        held: list[object] = []
+
+        def grows(arena: bool) -> tuple[int, int]:
+            before = self.sample()
+            held.extend(create(arena) for _ in range(n))
+            after = self.sample()
+            in_use = sum(after.heap[:2]) - sum(before.heap[:2])  # type: ignore[index]
+            return in_use, after.anon - before.anon
+
+        heap_off, anon_off = grows(False)
+        heap_on, anon_on = grows(True)
+        reserved = max(heap_on - heap_off, 0)
+        touched = max(anon_on - anon_off, 0)
+        self.arena_reserve = min(max(reserved - touched, 0), reserved) // n
+        log.debug("onnxruntime CPU arena: %d bytes reserved, %d untouched per session",
+                  reserved // n, self.arena_reserve)
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -204,17 +237,34 @@ class Footprint:
         self.probe = probe
         self._lock = threading.Lock()
 
-    def measure(self, load: Callable[[], T]) -> tuple[T, int]:
-        """(load's result, bytes it added). Blocking: call it from a worker thread."""
+    def measure(self, create: Callable[[], T], warm_up: Callable[[T], object] | None = None) -> tuple[T, Measured]:
+        """(create's result, what create + warm_up added). Blocking: call it from a worker
+        thread. The peak is watched from after creation: creation's own transients (the
+        parsed protobuf, initializer copies before prepacking) are gone once it returns."""
         with self._lock:
             before = self.probe.sample()
-            result = load()
+            result = create()
+            self.probe.mark_peak()
+            if warm_up is not None:
+                warm_up(result)
             after = self.probe.sample()
-        return result, max(after - before, 0)
+        return result, self.probe.measured(before, after, new_session=True)
+
+    def remeasure(self, run: Callable[[], T]) -> tuple[T, Measured]:
+        """(run's result, what it added). Waits for a load being measured: run unmeasured,
+        the arena growth would be kept by the session and never be seen again."""
+        with self._lock:
+            before = self.probe.sample()
+            self.probe.mark_peak()
+            result = run()
+            after = self.probe.sample()
+        return result, self.probe.measured(before, after, new_session=False)
 
 
 def probe_for(cuda: bool, nvml: Any | None = None) -> Probe:
     """NVML on a GPU pod (the caller keeps NVML initialised), host memory otherwise."""
     if cuda and nvml is not None:
         return NvmlProbe(nvml)
+    if cuda:
+        log.warning("GPU pod without NVML: footprints measure host memory (method rss/heap), not the device")
     return HostProbe()

@@ -1,12 +1,21 @@
-"""Entry point of a runtime pod: `serve` until stopped, `main` for the CLI and containers."""
+"""Entry point of a runtime pod: `serve` until stopped, `main` for the CLI and containers.
+
+Stopping: SIGTERM drains (Kubernetes' stop): grpc health NOT_SERVING, the instance record
+says `draining`, V2 requests for the models held are still served while placement makes them
+ready elsewhere and takes the assignments away (each unload lets its in-flight requests
+finish); when none is left, or after MESH_RUNTIME_DRAIN_TIMEOUT_S, the pod stops. SIGINT, or
+a second signal, stops at once. Either way the server stops within a bounded grace and the
+lease is revoked; every step that fails is logged, none silently dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import pathlib
+import signal
 import socket
+from collections.abc import Awaitable
 
 from mesh import metrics as metrics_mod
 from mesh import process
@@ -19,13 +28,14 @@ from puller import footprint, gpu
 from puller.agent import Agent, Identity
 from puller.cache import ArtifactCache
 from puller.executor import Executor
-from puller.server import build_server
+from puller.server import Runtime, build_server
 from puller.storage import providers
 from puller.table import ModelTable
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5.0
+GRACE_S = 5.0  # in-flight requests may finish this long once the server stops
+STEP_S = 5.0  # bound of each other shutdown step
 
 
 def instance_id(settings: RuntimeSettings, port: int) -> str:
@@ -43,8 +53,11 @@ async def serve(
     stop: asyncio.Event,
     metrics: Metrics,
     clock: Clock | None = None,
+    drain: asyncio.Event | None = None,
 ) -> None:
+    """Serves until `stop` is set (stops at once) or `drain` is (drains first, see above)."""
     clock = clock or SystemClock()
+    drain = drain or asyncio.Event()
     info = await asyncio.to_thread(gpu.detect)
     cuda = gpu.use_cuda(settings.use_gpu, info)
     capacity = max(info.total_bytes - settings.reserve, 0) if cuda else settings.capacity
@@ -55,15 +68,21 @@ async def serve(
     executor = Executor(settings.executor_threads, settings.intra_op_threads, cuda, io_binding=io_binding)
     cache = ArtifactCache(pathlib.Path(settings.cache_dir), settings.cache_bytes, providers(settings), metrics)
     ready = asyncio.Event()
+    runtime = Runtime(table)  # its direct loads are the agent's, once it exists
     server, port = build_server(
-        settings.listen, settings.max_message_bytes, table, executor, clock, ready, metrics
+        settings.listen, settings.max_message_bytes, table, executor, clock, ready, metrics,
+        settings.queue_per_model(), settings.max_queue_per_pod, runtime=runtime,
     )
     listen_host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{_listen_host(settings.listen)}:{port}"
     devices = await asyncio.to_thread(_devices, settings.reserve) if cuda else ()
     identity = Identity(instance_id(settings, port), address, capacity, device, devices)
     client = EtcdClient.from_settings(common)
-    agent = Agent(client, Keys(common.root), identity, common.lease_ttl_s, cache, executor, table, metrics, clock)
+    agent = Agent(
+        client, Keys(common.root), identity, common.lease_ttl_s, cache, executor, table, metrics, clock,
+        unload_timeout_s=settings.unload_timeout_s,
+    )
+    runtime.loads = agent.direct
     try:
         await cache.start()
         metrics_mod.serve(metrics, listen_host or "127.0.0.1", settings.metrics_port)
@@ -72,17 +91,74 @@ async def serve(
         ready.set()
         await server.set_serving(True)  # registered in etcd: routers may send work
         log.info("runtime %s serving on %s (%s, capacity %d bytes)", identity.instance_id, address, device, capacity)
-        await stop.wait()
+        await _first(stop, drain)
+        if not stop.is_set():
+            # New connections (Kubernetes' probe, new routers) see NOT_SERVING; requests on
+            # the models held are still served until placement has moved them.
+            await _step("health NOT_SERVING", server.set_serving(False))
+            await agent.drain(settings.drain_timeout_s, stop)
     finally:
         ready.clear()
         log.info("runtime %s stopping", identity.instance_id)
-        await server.set_serving(False)
-        await server.stop(GRACE_S)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(agent.stop(), GRACE_S)
-        await cache.close()
-        await client.close()
+        await _step("health NOT_SERVING", server.set_serving(False))
+        # The lease first: the pod's copies leave every route table at once, so no new
+        # request is routed here while in-flight ones finish within the server's grace.
+        await _step("agent stop and lease revoke", agent.stop(), STEP_S * 3)
+        await _step("gRPC server stop", server.stop(GRACE_S), GRACE_S + STEP_S)
+        agent.release()
+        await _step("artifact cache close", cache.close())
+        await _step("etcd client close", client.close())
         executor.close()
+        log.info("runtime %s stopped", identity.instance_id)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _step(what: str, aw: Awaitable[object], timeout_s: float = STEP_S) -> None:
+    """One shutdown step, bounded; a failure is logged and the shutdown goes on."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await aw
+    except TimeoutError:
+        log.error("shutdown: %s took longer than %.0fs; going on", what, timeout_s)
+    except Exception:
+        log.exception("shutdown: %s failed; going on", what)
+
+
+def install_drain_signals(stop: asyncio.Event, drain: asyncio.Event) -> None:
+    """SIGTERM drains, SIGINT stops at once; a second signal of either kind stops at once.
+    Replaces the handlers mesh.process installed (which only stop)."""
+    loop = asyncio.get_running_loop()
+
+    def on_term() -> None:
+        if drain.is_set() or stop.is_set():
+            log.warning("second signal: stopping at once")
+            stop.set()
+        else:
+            log.info("SIGTERM: draining (a second signal stops at once)")
+            drain.set()
+
+    def on_int() -> None:
+        log.info("SIGINT: stopping at once")
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_int)
+
+
+async def _serve_draining(
+    common: CommonSettings, settings: RuntimeSettings, stop: asyncio.Event, metrics: Metrics
+) -> None:
+    drain = asyncio.Event()
+    install_drain_signals(stop, drain)
+    await serve(common, settings, stop, metrics, drain=drain)
 
 
 def _devices(reserve: int) -> tuple[dict[str, object], ...]:
@@ -94,7 +170,7 @@ def _devices(reserve: int) -> tuple[dict[str, object], ...]:
 
 
 def main() -> None:
-    process.run("runtime", RuntimeSettings, serve)
+    process.run("runtime", RuntimeSettings, _serve_draining)
 
 
 if __name__ == "__main__":

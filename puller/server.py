@@ -1,8 +1,11 @@
-"""The pod's gRPC data plane: KServe V2 inference for its loaded models, and GetUsage.
+"""The pod's gRPC data plane: KServe V2 inference for its loaded models, and mesh.v1.Runtime
+(GetUsage; Load, placement's direct assignment, puller/direct.py).
 
 Thin servicers: convert, call codec / executor, convert back. A model not loaded here is
 UNAVAILABLE (the router retries another copy); errors are MeshErrors mapped once by the
-the status wrapping of mesh/rpc/status.py.
+the status wrapping of mesh/rpc/status.py. Every inference request passes admission control
+first (puller/admission.py: bounded queues per model and per pod, shed with a retry hint,
+deadlines checked before anything runs).
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ import grpc
 
 from mesh import process
 from mesh.clock import Clock
-from mesh.errors import MeshError, NotFound, Unavailable
+from mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from mesh.metrics import Metrics
 from mesh.pb.inference import grpc_predict_v2_pb2 as pb
 from mesh.pb.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from mesh.pb.v1 import internal_pb2, internal_pb2_grpc
+from mesh.pb.v1 import internal_pb2, internal_pb2_grpc, types_pb2
 from mesh.rpc.server import make_server
-from mesh.rpc.status import StatusServer
+from mesh.rpc.status import InFlightLimit, StatusServer
 from puller import codec
+from puller.admission import Admission
 from puller.datatypes import TensorSpec
+from puller.direct import DirectLoads
 from puller.executor import Executor
-from puller.table import ModelTable
+from puller.table import ModelTable, Served
 
 SERVER_NAME = "meshserve-runtime"
 PLATFORM = process.PLATFORM
@@ -32,11 +37,14 @@ PLATFORM = process.PLATFORM
 
 
 class Inference(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, table: ModelTable, executor: Executor, clock: Clock, ready: asyncio.Event) -> None:
+    def __init__(
+        self, table: ModelTable, executor: Executor, clock: Clock, ready: asyncio.Event, admission: Admission
+    ) -> None:
         self.table = table
         self.executor = executor
         self.clock = clock
         self.ready = ready
+        self.admission = admission
         self.version = process.version()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -68,34 +76,37 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self.infer(request)
+        return await self.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             try:
-                response = await self.infer(request)
+                response = await self.infer(request, context.time_remaining())
             except MeshError as exc:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, remaining_s: float | None) -> pb.ModelInferResponse:
+        """`remaining_s`: the caller's time left (None: no deadline)."""
         served = self.table.get(request.model_name)
         if served is None:
             raise Unavailable(f"model {request.model_name} is not loaded on this pod")
+        # Admission sheds before any decoding or queueing, and frees the slot however it ends.
+        return await self.admission.run(served, remaining_s, lambda: self._run(served, request, remaining_s))
+
+    async def _run(self, served: Served, request: pb.ModelInferRequest, remaining_s: float | None) -> pb.ModelInferResponse:
         model = served.model
         decoded = codec.decode_inputs(request, model.inputs)
         names = codec.requested_outputs(request, model.outputs)
-        served.begin()
-        try:
-            if served.batcher is not None:
-                arrays = await served.batcher.run(decoded.feeds, names)
-            else:
-                arrays = await self.executor.run(model, decoded.feeds, names)
-        finally:
-            served.end(self.clock.unix_ms())
+        if served.batcher is not None:
+            deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
+            arrays = await served.batcher.run(decoded.feeds, names, deadline)
+        else:
+            # Cancelled while queued in the pool (caller gone, deadline passed): never runs.
+            arrays = await self.executor.run(model, decoded.feeds, names)
         return _response(request, codec.encode_outputs(names, arrays, decoded.raw))
 
 
@@ -114,24 +125,40 @@ def _response(request: pb.ModelInferRequest, outputs: list[codec.EncodedOutput])
     return response
 
 
-class Usage(internal_pb2_grpc.RuntimeServicer):
-    def __init__(self, table: ModelTable) -> None:
+class Runtime(internal_pb2_grpc.RuntimeServicer):
+    """mesh.v1.Runtime. `loads` is set once the agent exists (it needs the server's port);
+    until then Load answers UNAVAILABLE and placement waits for the watch as before."""
+
+    def __init__(self, table: ModelTable, loads: DirectLoads | None = None) -> None:
         self.table = table
+        self.loads = loads
+
+    def usage(self) -> list[internal_pb2.ModelUsage]:
+        return [
+            internal_pb2.ModelUsage(
+                model_id=model_id, last_used_unix_ms=s.last_used_unix_ms, in_flight=s.in_flight, requests=s.requests,
+            )
+            for model_id, s in self.table.items()
+        ]
 
     async def GetUsage(
         self, request: internal_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.GetUsageResponse:
-        return internal_pb2.GetUsageResponse(
-            models=[
-                internal_pb2.ModelUsage(
-                    model_id=model_id,
-                    last_used_unix_ms=s.last_used_unix_ms,
-                    in_flight=s.in_flight,
-                    requests=s.requests,
-                )
-                for model_id, s in self.table.items()
-            ]
+        return internal_pb2.GetUsageResponse(models=self.usage())
+
+    async def Load(self, request: internal_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> internal_pb2.LoadResponse:
+        if self.loads is None:
+            raise Unavailable("this runtime pod is not registered yet")
+        try:
+            record = await self.loads.load(request.assignment, list(request.unassigned), context.time_remaining())
+        except TimeoutError:
+            raise DeadlineExceeded("the copy was not ready before the caller's deadline; it may still be loading") from None
+        copy = types_pb2.CopyStatus(
+            instance_id=record.instance_id, address=record.address, state=types_pb2.CopyState.Value(record.state.name),
+            size_bytes=max(record.size_bytes, 0), error=record.error, measure_method=record.measure_method,
         )
+        return internal_pb2.LoadResponse(copy=copy, models=self.usage())
+
 
 
 def build_server(
@@ -142,9 +169,25 @@ def build_server(
     clock: Clock,
     ready: asyncio.Event,
     metrics: Metrics,
+    max_queue_per_model: int = 64,
+    max_queue_per_pod: int = 256,
+    runtime: Runtime | None = None,
 ) -> tuple[StatusServer, int]:
-    """The pod's gRPC server (not started) and its bound port."""
-    server, port = make_server(listen, max_message_bytes, metrics)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(table, executor, clock, ready), server)
-    internal_pb2_grpc.add_RuntimeServicer_to_server(Usage(table), server)
+    """The pod's gRPC server (not started) and its bound port.
+
+    Admission control sheds inference requests beyond the queue limits. The server's RPC
+    limit sits a little above them (room for control RPCs, streams and requests being shed),
+    and its per-connection stream limit at grpc's backstop above that: routers multiplex every
+    caller on one channel per pod, and streams beyond it would wait in the router's HTTP/2
+    layer, unanswered. Not much higher: streams the event loop has not picked up yet hold
+    their request bytes in grpc's buffers, outside every queue limit.
+    """
+    rpc_limit = max_queue_per_pod + 64
+    server, port = make_server(
+        listen, max_message_bytes, metrics, rpc_limit, limit_setting="MESH_RUNTIME_MAX_QUEUE_PER_POD",
+        max_concurrent_streams=InFlightLimit(rpc_limit).backstop,
+    )
+    admission = Admission(max_queue_per_model, max_queue_per_pod, metrics, clock)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(table, executor, clock, ready, admission), server)
+    internal_pb2_grpc.add_RuntimeServicer_to_server(runtime or Runtime(table), server)
     return server, port

@@ -1,10 +1,13 @@
 """The models this pod serves right now, with per-model usage (in-flight, requests, last use).
 
 Written by the agent (load / unload), read by the V2 servicer and GetUsage. Event-loop only.
+An unload removes a model from the table (no new requests) and then waits on `wait_idle`,
+which is woken by the `end` that brings in-flight requests to 0 (no polling).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -22,14 +25,33 @@ class Served:
     in_flight: int = 0
     requests: int = 0
     batcher: Batcher | None = None  # dynamic batching, when the model's spec asked for it
+    # Set while nothing is in flight; cleared by begin, set again by the end that reaches 0.
+    _idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.in_flight <= 0:
+            self._idle.set()
 
     def begin(self) -> None:
         self.in_flight += 1
         self.requests += 1
+        self._idle.clear()
 
     def end(self, now_ms: int) -> None:
         self.in_flight -= 1
         self.last_used_unix_ms = now_ms
+        if self.in_flight <= 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until no request is in flight, at most `timeout_s`; True when none is."""
+        if self.in_flight > 0:
+            try:
+                async with asyncio.timeout(max(timeout_s, 0.0)):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        return self.in_flight <= 0
 
 
 class ModelTable:

@@ -2,9 +2,14 @@
 
 Requests and responses stay bytes end to end: the router reads the model id from the wire
 (modelid.py) and never parses tensors. Channels are long-lived, one per pod address. A copy
-answering UNAVAILABLE (or unreachable) is excluded and the request re-sent to another ready
-copy, at most `forward_attempts` tries; when no copy is left the miss path runs once. Any other
-status of a pod reaches the caller with the pod's code and details unchanged.
+answering UNAVAILABLE or CANCELLED (its pod stopping), or unreachable, or not answering within
+`attempt_timeout_s` while another copy is left, is excluded and the request re-sent to another
+ready copy (ModelInfer is idempotent), at most `forward_attempts` tries. Pods that keep failing are ejected from picks
+for a while (policy.Ejector), so a frozen or blackholed pod stops receiving requests within
+seconds, not when its lease lapses. When no copy is left the miss path runs once, told which
+pods to avoid, so placement loads a copy elsewhere; the copies placement answers with are
+routed to at once, until the route table shows them. Any other status of a pod reaches the
+caller with the pod's code and details unchanged.
 """
 
 from __future__ import annotations
@@ -12,19 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
 
 from mesh import errors
-from mesh.errors import MeshError, Unavailable
+from mesh.errors import Kind, MeshError, Unavailable
 from mesh.metrics import Metrics
 from mesh.rpc.server import ChannelPool
+from mesh.rpc.status import pushback_of
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
 from router import modelid, policy, v2
 from router.miss import MissHandler
+from router.registry import unknown_model
 from router.table import RouteTable
 
 log = logging.getLogger(__name__)
@@ -36,15 +44,19 @@ _HOP_BY_HOP = frozenset(
      "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding"}
 )
 SWEEP_INTERVAL_S = 30.0
+# A miss avoiding the failed copies may still fail (no other pod fits, no leader): then the
+# ejected copies are tried rather than none. Not for these, which are final.
+_FINAL = frozenset({Kind.NOT_FOUND, Kind.DEADLINE_EXCEEDED})
 
 
 class PodStatus(Exception):
     """A pod's own non-retryable status, passed to the caller unchanged."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.trailing = trailing  # the pod's retry hint (grpc-retry-pushback-ms) of a shed
 
 
 def forwarded_metadata(metadata: Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -79,6 +91,8 @@ class Forwarder:
         self.rng = rng or random.Random()
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._hits = metrics.cache_hits.labels(metrics.service)  # label lookup once, not per request
+        self.ejector = policy.Ejector(settings.eject_after_failures, settings.ejection_s,
+                                      settings.ejection_max_s, time.monotonic)
 
     # -- the domain call ----------------------------------------------------------------------
 
@@ -96,45 +110,113 @@ class Forwarder:
         if not self.table.synced:
             await self._await_sync(deadline)
         if model_id not in self.state.models:
-            raise errors.model_not_found(model_id)
+            raise unknown_model(self.state, model_id)
         if self.on_request is not None:
             self.on_request(model_id)
         forward_md = forwarded_metadata(metadata)
         if self.table.ready(model_id):
             self._hits.inc()
         excluded: set[str] = set()
+        hinted: list[str] = []  # placement's ready copies, while the table does not show any
         missed = False
         attempts = 0
         while True:
-            address = policy.pick(self.table.addresses(model_id), self.table.in_flight, excluded, self.rng)
-            if address is None:
-                # No copy (left): the copies may have been evicted or died; load once more.
-                if missed:
-                    raise Unavailable(f"no reachable copy of model '{model_id}'; retry")
+            routed = self.table.addresses(model_id)
+            if hinted:  # placement's answer, beside copies the table still lists (maybe dead ones)
+                live = self.table.live_addresses()  # never a pod the view saw go
+                hinted = [a for a in hinted if a in live and a not in routed]
+                routed = [*routed, *hinted]
+            candidates = [a for a in routed if a not in excluded]
+            admitted = self.ejector.admitted(candidates, self._connected)
+            if not admitted and not missed:
+                # No copy (left) that answers: the copies may have been evicted, died or be
+                # stuck; load once more, elsewhere than the pods that failed.
                 missed = True
-                await self.miss.ensure(model_id, deadline)
-                continue
+                try:
+                    hinted = await self.miss.ensure(model_id, deadline, self._avoid(excluded))
+                    continue
+                except MeshError as exc:
+                    if not candidates or exc.kind in _FINAL:
+                        raise
+                    log.info("no copy of %s loaded elsewhere (%s); trying ejected copies", model_id, exc.message)
+            if not admitted:
+                admitted = candidates  # only ejected copies left: better tried than none
+            # A copy at the per-pod cap is not picked; every copy at it: shed now, cheaply, on
+            # this router's loop, instead of queueing in an overloaded pod (F21).
+            cap = self.settings.max_in_flight_per_pod
+            roomy = self.table.with_room(admitted, cap)
+            if admitted and not roomy:
+                raise self.table.shed(model_id, admitted, cap)
+            address = policy.pick(roomy, self.table.in_flight, rng=self.rng)
+            if address is None:
+                raise Unavailable(f"no reachable copy of model '{model_id}'; retry")
             attempts += 1
+            budget = deadline - loop.time()
+            if budget <= 0:
+                raise errors.DeadlineExceeded("deadline exceeded before the request reached a copy")
+            # The attempt timeout only while another copy is left to retry on: the last copy
+            # gets the whole budget (a first request after a load may be slow).
+            timeout = min(budget, self.settings.attempt_timeout_s) if len(admitted) > 1 else budget
+            started = self.ejector.clock()
             try:
-                return await self._call(address, request, forward_md, deadline)
+                response = await self._call(address, request, forward_md, timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code != grpc.StatusCode.UNAVAILABLE:
-                    raise PodStatus(code, exc.details() or "") from None
-                log.info("copy of %s at %s unavailable: %s", model_id, address, exc.details())
+                if code == grpc.StatusCode.CANCELLED:
+                    # Not our doing (our own cancellation raises CancelledError here): the pod's
+                    # server cancelled the call as it shut down, which grpc-core does to calls
+                    # that reach a stopping server before its handler picked them up
+                    # (grpc/grpc#41785). The pod went away: retried elsewhere like UNAVAILABLE.
+                    code = grpc.StatusCode.UNAVAILABLE
+                cut = code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < budget
+                if code == grpc.StatusCode.UNAVAILABLE or (
+                    code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout >= self.settings.attempt_timeout_s
+                ):
+                    self._failed(address, started)  # unreachable, or no answer in a whole attempt timeout
+                elif code != grpc.StatusCode.DEADLINE_EXCEEDED:  # not an answer: our own timeout
+                    self.ejector.success(address)  # the pod answered, with its own status
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and attempts < self.settings.forward_attempts:
+                    # The pod shed it: another copy, only if one has room (else its shed, with
+                    # the pod's hint, is the answer: no blind retry piling onto a full copy).
+                    excluded.add(address)
+                    if self.table.with_room([a for a in admitted if a not in excluded], cap):
+                        self.metrics.forward_retries.inc()
+                        continue
+                if code != grpc.StatusCode.UNAVAILABLE and not cut:
+                    raise PodStatus(code, exc.details() or "", pushback_of(exc.trailing_metadata())) from None
+                log.info("copy of %s at %s %s: %s", model_id, address,
+                         "timed out" if cut else "unavailable", exc.details())
                 if attempts >= self.settings.forward_attempts:
                     raise Unavailable(
-                        f"model '{model_id}': {attempts} copies tried, all unavailable; retry"
+                        f"model '{model_id}': {attempts} copies tried, none answered; retry"
                     ) from None
                 excluded.add(address)
                 self.metrics.forward_retries.inc()
+                continue
+            self.ejector.success(address)
+            return response
+
+    def _failed(self, address: str, since: float) -> None:
+        if self.ejector.failure(address, since):
+            self.metrics.ejections.inc()
+            log.warning("pod %s ejected from picks: unreachable or timed out %d times in a row "
+                        "(or again right after an ejection)", address, self.settings.eject_after_failures)
+
+    def _avoid(self, excluded: set[str]) -> frozenset[str]:
+        """Instance ids of the pods at the failed and the ejected addresses (for placement)."""
+        bad = excluded.union(self.ejector.ejected_addresses(self._connected))
+        if not bad:
+            return frozenset()
+        return frozenset(i for i, inst in self.state.instances.items() if inst.address in bad)
+
+    def _connected(self, address: str) -> bool:
+        """Whether the channel to `address` is up (asks it to connect when it is idle)."""
+        state = self.pool.get(address).get_state(try_to_connect=True)
+        return state is grpc.ChannelConnectivity.READY
 
     async def _call(
-        self, address: str, request: bytes, metadata: tuple[tuple[str, Any], ...], deadline: float
+        self, address: str, request: bytes, metadata: tuple[tuple[str, Any], ...], timeout: float
     ) -> bytes:
-        timeout = deadline - asyncio.get_running_loop().time()
-        if timeout <= 0:
-            raise errors.DeadlineExceeded("deadline exceeded before the request reached a copy")
         call = self._calls.get(address)
         if call is None:
             call = self.pool.get(address).unary_unary(INFER_METHOD)
@@ -159,6 +241,7 @@ class Forwarder:
             for address in self.pool.addresses():
                 if address not in live and not self.table.in_flight.get(address):
                     self._calls.pop(address, None)
+                    self.ejector.forget(address)
                     await self.pool.discard(address)
 
     # -- gRPC handlers (bytes in, bytes out) ---------------------------------------------------
@@ -172,7 +255,7 @@ class Forwarder:
         try:
             return await self.infer(request, context.invocation_metadata(), self.budget(context))
         except PodStatus as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, exc.details, trailing_metadata=exc.trailing)
             raise  # unreachable: abort raises
 
     async def model_stream_infer(

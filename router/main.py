@@ -1,10 +1,21 @@
 """The router process: V2 inference + registration API on one gRPC server over a watched view
-of the mesh state."""
+of the mesh state.
+
+Stopping (RELIABILITY.md F2, F7): SIGTERM drains, as Kubernetes' stop asks. The grpc health
+turns NOT_SERVING at once (readiness probes and load balancers stop sending new traffic), the
+router goes on accepting and serving requests for MESH_ROUTER_DRAIN_SETTLE_S (endpoint
+removal takes a moment to reach every load balancer), then stops accepting new RPCs (GOAWAY:
+clients reconnect elsewhere) and lets those in flight finish within MESH_ROUTER_DRAIN_GRACE_S,
+then exits 0. SIGINT, or a second signal, stops at once (in-flight RPCs are cancelled). Every
+shutdown step is bounded and a failing one is logged, never dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 
 from mesh import metrics as metrics_mod
 from mesh import process
@@ -14,8 +25,9 @@ from mesh.kv.keys import Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
 from mesh.pb.v1 import registry_pb2_grpc
-from mesh.rpc.server import ChannelPool, make_server
-from mesh.rpc.status import StatusServer
+from mesh.process import shutdown_step
+from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
+from mesh.rpc.status import InFlightLimit, StatusServer
 from mesh.settings import CommonSettings, RouterSettings
 from mesh.state import MeshState
 from mesh.tasks import Supervisor
@@ -31,13 +43,19 @@ from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5.0
+STEP_S = 5.0  # bound of each shutdown step other than the server's stop
 
 
 async def serve(
-    common: CommonSettings, settings: RouterSettings, stop: asyncio.Event, metrics: Metrics
+    common: CommonSettings,
+    settings: RouterSettings,
+    stop: asyncio.Event,
+    metrics: Metrics,
+    drain: asyncio.Event | None = None,
 ) -> None:
-    """Runs the router until `stop` is set, then drains in-flight RPCs (bounded) and closes."""
+    """Runs the router until `stop` is set (stops at once: in-flight RPCs are cancelled) or
+    `drain` is (drains first, see the module docstring), then closes everything it opened."""
+    drain = drain or asyncio.Event()
     keys = Keys(common.root)
     client = EtcdClient.from_settings(common)
     view = View(client, keys.prefix())
@@ -45,7 +63,8 @@ async def serve(
     table = RouteTable(state, metrics)
     pods = ChannelPool(settings.max_message_bytes)
     placement = ChannelPool(settings.max_message_bytes)
-    miss = MissHandler(state, table, placement, metrics, settings.default_deadline_s)
+    miss = MissHandler(state, table, placement, metrics, settings.default_deadline_s, settings.leader_wait_s,
+                       leader_lease_s=common.lease_ttl_s)
     telemetry = None
     if common.redis_url:
         telemetry = Telemetry(
@@ -66,7 +85,11 @@ async def serve(
 
     server, port = make_server(
         settings.listen, settings.max_message_bytes, metrics,
-        settings.max_concurrent_rpcs,
+        settings.max_concurrent_rpcs, limit_setting="MESH_ROUTER_MAX_CONCURRENT_RPCS",
+        # Streams per connection above the RPC limit, so the limit sheds them with
+        # RESOURCE_EXHAUSTED + pushback: at grpc's 100, one client multiplexing more calls got
+        # RST_STREAM REFUSED_STREAM, i.e. UNAVAILABLE with no hint (F21), even at 90 in flight.
+        max_concurrent_streams=InFlightLimit(settings.max_concurrent_rpcs).backstop,
     )
     server.add_generic_rpc_handlers([InferenceServicer(state, table, forwarder).handler()])
     registry_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(registry), server)
@@ -75,26 +98,76 @@ async def serve(
         host = settings.listen.rsplit(":", 1)[0]
         metrics_mod.serve(metrics, host, settings.metrics_port)
         log.info("router listening on %s (port %d), mesh root %s", settings.listen, port, keys.root)
-        supervisor.start("health", lambda: _serving_once_synced(view, server))
-        await stop.wait()
-        log.info("router stopping")
+        supervisor.start("health", lambda: _serving_once_synced(view, server, drain, stop))
+        await _first(stop, drain)
+        if not stop.is_set():
+            await _drain(server, settings, stop)
     finally:
-        await server.set_serving(False)
-        await server.stop(GRACE_S)
-        await miss.close()
-        await supervisor.stop()
-        await pods.close()
-        await placement.close()
+        log.info("router stopping")
+        await shutdown_step("health NOT_SERVING", server.set_serving(False))
+        # Stopped at once (or the drain's server stop cut short): cancels what is in flight.
+        await shutdown_step("gRPC server stop", server.stop(None), STEP_S)
+        await shutdown_step("cold-load waits close", miss.close())
+        await shutdown_step("background tasks stop", supervisor.stop())
+        await shutdown_step("pod channels close", pods.close())
+        await shutdown_step("placement channels close", placement.close())
         if telemetry is not None:
-            await telemetry.redis.aclose()  # type: ignore[attr-defined]
-        await client.close()
+            await shutdown_step("Redis close", telemetry.redis.aclose())  # type: ignore[attr-defined]
+        await shutdown_step("etcd client close", client.close())
+        log.info("router stopped")
 
 
-async def _serving_once_synced(view: View, server: StatusServer) -> None:
-    """Ready (grpc health SERVING) once the route table has loaded from etcd."""
+async def _drain(server: StatusServer, settings: RouterSettings, stop: asyncio.Event) -> None:
+    """NOT_SERVING at once; serve on for the settle time; then stop accepting and let in-flight
+    RPCs finish within the grace. `stop` (a second signal) cuts either wait short."""
+    started = time.monotonic()
+    log.info("router draining: health NOT_SERVING; accepting requests for %.1fs more, then "
+             "in-flight ones get %.1fs", settings.drain_settle_s, settings.drain_grace_s)
+    await shutdown_step("health NOT_SERVING", server.set_serving(False))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), settings.drain_settle_s)
+    if stop.is_set():
+        return
+    log.info("router drain: no longer accepting new RPCs; waiting for those in flight")
+    stopping = asyncio.ensure_future(server.stop(settings.drain_grace_s))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([stopping, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not stopping.done():
+        log.warning("router drain cut short: cancelling the RPCs still in flight")
+        # A smaller grace stops the server sooner (grpc); the drain's stop then returns too.
+        await shutdown_step("gRPC server stop", server.stop(None))
+    drained = await shutdown_step("gRPC server stop within the drain grace", stopping, STEP_S)
+    if drained and not stop.is_set():
+        log.info("router drained in %.1fs", time.monotonic() - started)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _serving_once_synced(view: View, server: StatusServer, *stopping: asyncio.Event) -> None:
+    """Ready (grpc health SERVING) once the route table has loaded from etcd, unless the router
+    began stopping meanwhile (a late SERVING would undo the drain's NOT_SERVING)."""
     await view.wait_synced()
-    await server.set_serving(True)
+    if not any(e.is_set() for e in stopping):
+        await server.set_serving(True)
+
+
+async def _serve_draining(
+    common: CommonSettings, settings: RouterSettings, stop: asyncio.Event, metrics: Metrics
+) -> None:
+    drain = asyncio.Event()
+    install_stop_signals(stop, drain)  # replaces mesh.process's handlers (which only stop)
+    await serve(common, settings, stop, metrics, drain=drain)
 
 
 def main() -> None:
-    process.run("router", RouterSettings, serve)
+    process.run("router", RouterSettings, _serve_draining)

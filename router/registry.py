@@ -3,22 +3,27 @@
 Every rule a spec breaks is answered with InvalidArgument naming the field and what is
 accepted. Storage URIs are checked against the configured schemes and, for file URIs, against
 the configured roots on realpath-canonical paths (symlinks and `..` resolved), never by string
-prefix of the raw input. Reads come from the watched MeshState; writes go to etcd and return
-once this router's view has caught up, so a registration is routable here at once.
+prefix of the raw input. Reads come from the watched MeshState; writes go to etcd and are
+answered OK only once this router's view shows them (read your writes), so a registration
+answered OK is routable here at once; when the view cannot confirm it within the caller's
+deadline the answer is UNAVAILABLE, saying the write was made. Retrying a registration of the
+identical spec answers OK (not ALREADY_EXISTS), so a client can always retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Callable, Mapping
 
-from mesh import types
+from mesh import errors, types
 from mesh.clock import Clock
-from mesh.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from mesh.errors import AlreadyExists, Conflict, InvalidArgument, MeshError, Unavailable
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.settings import RouterSettings
@@ -38,7 +43,7 @@ MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-CATCH_UP_S = 2.0  # longest a write waits for this router's view to show it
+STAT_TIMEOUT_S = 2.0  # longest wait for a file:// artifact's size (a slow network filesystem)
 
 
 class ModelState(enum.Enum):
@@ -58,6 +63,16 @@ class ModelStatus:
 
 
 # -- validation ---------------------------------------------------------------------------------
+
+
+def unknown_model(state: MeshState, model_id: str) -> MeshError:
+    """The error for a model this router's view does not have. NOT_FOUND tells clients not to
+    retry, so it is only said while the view is connected to etcd; before its first list or
+    while its watch is broken the model may well exist: UNAVAILABLE."""
+    if not state.view.connected:
+        return Unavailable(f"model '{model_id}' is not known to this router right now (its view of "
+                           "etcd is not connected); retry")
+    return errors.model_not_found(model_id)
 
 
 def check_model_id(model_id: str) -> str:
@@ -173,28 +188,63 @@ class Registry:
         self.settings = settings
         self.clock = clock
 
-    async def register(self, spec: ModelSpec) -> ModelStatus:
-        spec = dataclasses.replace(validate(spec, self.settings), registered_unix_ms=self.clock.unix_ms())
+    async def register(self, spec: ModelSpec, budget_s: float | None = None) -> ModelStatus:
+        """Creates models/<id>; OK once this router's view shows it. `budget_s`: the caller's
+        remaining time (None: the default deadline)."""
+        deadline = self._deadline(budget_s)
+        spec = validate(spec, self.settings)
+        model_id = spec.model_id
+        spec = dataclasses.replace(spec, registered_unix_ms=self.clock.unix_ms(),
+                                   artifact_bytes=await artifact_bytes(spec.storage_uri, deadline))
+        key = self.keys.model(model_id)
         try:
-            revision = await self.client.create(self.keys.model(spec.model_id), types.encode(spec))
-        except Conflict:
-            raise AlreadyExists(f"model '{spec.model_id}' is already registered") from None
+            try:
+                revision = await self.client.create(key, types.encode(spec))
+            except Conflict:
+                revision = await self._same_spec_revision(key, spec)
+        except Unavailable as exc:
+            raise Unavailable(
+                f"etcd did not confirm the registration of model '{model_id}' ({exc.message}); it may "
+                "or may not have been written: retry RegisterModel with the same spec (that is safe)"
+            ) from None
         view = self.state.view
-        await self._catch_up(lambda: view.revision >= revision)
-        return self.status_of(spec)
+        await self._until_visible(
+            lambda: view.revision >= revision, deadline,
+            f"model '{model_id}' is registered, but this router does not show it yet; retry GetModel "
+            "(or RegisterModel with the same spec) shortly")
+        return self.status_of(self.state.models.get(model_id, spec))
 
-    async def unregister(self, model_id: str) -> bool:
-        """Deletes the model's key (placement removes its copies); unknown ids succeed."""
+    async def _same_spec_revision(self, key: str, spec: ModelSpec) -> int:
+        """The revision of the registration already at `key` when it is `spec` (a retried
+        RegisterModel); raises AlreadyExists when it is another spec."""
+        kv = await self.client.get(key)
+        if kv is None:
+            raise Unavailable(f"model '{spec.model_id}' was unregistered while registering it; retry")
+        existing = types.decode(ModelSpec, kv.value)
+        if _as_registered(existing) != _as_registered(spec):
+            raise AlreadyExists(f"model '{spec.model_id}' is already registered")
+        return kv.mod_revision
+
+    async def unregister(self, model_id: str, budget_s: float | None = None) -> bool:
+        """Deletes the model's key (placement removes its copies); unknown ids succeed. OK once
+        this router's view no longer shows the model."""
         check_model_id(model_id)
-        existed = await self.client.delete(self.keys.model(model_id)) > 0
-        if existed:
-            await self._catch_up(lambda: model_id not in self.state.models)
+        deadline = self._deadline(budget_s)
+        try:
+            existed = await self.client.delete(self.keys.model(model_id)) > 0
+        except Unavailable as exc:
+            raise Unavailable(
+                f"etcd did not confirm the unregistration of model '{model_id}' ({exc.message}); it "
+                "may or may not have happened: retry UnregisterModel (that is safe)") from None
+        await self._until_visible(
+            lambda: model_id not in self.state.models, deadline,
+            f"model '{model_id}' is unregistered, but this router still shows it; retry shortly")
         return existed
 
     def get(self, model_id: str) -> ModelStatus:
         spec = self.state.models.get(model_id)
         if spec is None:
-            raise NotFound(f"model '{model_id}' is not registered")
+            raise unknown_model(self.state, model_id)
         return self.status_of(spec)
 
     def list(
@@ -233,8 +283,40 @@ class Registry:
         return ModelStatus(spec=spec, state=state, copies=copies, stats=stats,
                            decision=self.state.decisions.get(spec.model_id))
 
-    async def _catch_up(self, done: Callable[[], bool]) -> None:
+    def _deadline(self, budget_s: float | None) -> float:
+        budget = self.settings.default_deadline_s if budget_s is None else budget_s
+        return asyncio.get_running_loop().time() + budget
+
+    async def _until_visible(self, done: Callable[[], bool], deadline: float, not_yet: str) -> None:
+        """Read your writes: returns once `done()` holds in this router's view; raises
+        Unavailable(`not_yet`) when it does not before `deadline` (a little before, so the
+        answer reaches the caller in time)."""
+        if done():
+            return
+        remaining = deadline - asyncio.get_running_loop().time()
         try:
-            await self.state.wait_for(done, CATCH_UP_S)
+            await self.state.wait_for(done, max(remaining - min(0.2, remaining / 10), 0.001))
         except TimeoutError:
-            pass  # the write is done; this router's view will show it shortly
+            raise Unavailable(not_yet) from None
+
+
+def _as_registered(spec: ModelSpec) -> ModelSpec:
+    """What a user registered, without what the router adds (time, measured size)."""
+    return dataclasses.replace(spec, registered_unix_ms=0, artifact_bytes=0)
+
+
+async def artifact_bytes(uri: str, deadline: float) -> int:
+    """Size of a file:// artifact (placement's first guess at its footprint); 0 when unknown:
+    another scheme, no such file yet, or the filesystem too slow to answer (stat runs in a
+    thread, never on the event loop)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() != "file":
+        return 0
+    path = urllib.parse.unquote(parts.path)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(min(deadline, loop.time() + STAT_TIMEOUT_S)):
+            info = await asyncio.to_thread(os.stat, path)
+    except (OSError, TimeoutError, ValueError):
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0

@@ -20,6 +20,7 @@ _COPY_STATE = {
     CopyState.LOADING: types_pb2.LOADING,
     CopyState.LOADED: types_pb2.LOADED,
     CopyState.FAILED: types_pb2.FAILED,
+    CopyState.UNLOADING: types_pb2.UNLOADING,
 }
 
 
@@ -50,6 +51,7 @@ def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
                 state=_COPY_STATE[c.state],
                 size_bytes=max(c.size_bytes, 0),
                 error=c.error,
+                measure_method=c.measure_method,
             )
             for c in sorted(status.copies, key=lambda c: c.instance_id)
         ],
@@ -57,6 +59,7 @@ def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
     if stats is not None:
         out.size_bytes = max(stats.size_bytes, 0)
         out.load_ms = max(stats.load_ms, 0)
+        out.measure_method = stats.measure_method
         out.last_error = stats.last_error
         out.last_error_unix_ms = stats.last_error_unix_ms
     if status.decision is not None:
@@ -74,12 +77,12 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def RegisterModel(
         self, request: registry_pb2.RegisterModelRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.ModelStatus:
-        return status_to_pb(await self.registry.register(spec_from_pb(request.spec)))
+        return status_to_pb(await self.registry.register(spec_from_pb(request.spec), context.time_remaining()))
 
     async def UnregisterModel(
         self, request: registry_pb2.UnregisterModelRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.UnregisterModelResponse:
-        existed = await self.registry.unregister(request.model_id)
+        existed = await self.registry.unregister(request.model_id, context.time_remaining())
         return registry_pb2.UnregisterModelResponse(existed=existed)
 
     async def GetModel(

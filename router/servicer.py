@@ -15,6 +15,7 @@ from mesh import errors, process
 from mesh.state import MeshState
 from router import v2
 from router.forward import Forwarder
+from router.registry import unknown_model
 from router.table import RouteTable
 
 SERVICE = "inference.GRPCInferenceService"
@@ -42,7 +43,7 @@ class InferenceServicer:
     def _known(self, request: bytes) -> str:
         name = v2.name_of(request)
         if name not in self.state.models:
-            raise errors.model_not_found(name)
+            raise unknown_model(self.state, name)
         return name
 
     async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:

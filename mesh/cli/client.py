@@ -77,7 +77,8 @@ def list_models(channel: grpc.Channel, args: argparse.Namespace) -> int:
 def status(channel: grpc.Channel, args: argparse.Namespace) -> int:
     m = _registry(channel).GetModel(registry_pb2.GetModelRequest(model_id=args.model_id), timeout=args.timeout)
     print(f"model:   {m.spec.model_id}\nuri:     {m.spec.storage_uri}\nstate:   {_state(m)}")
-    print(f"size:    {_size(m.size_bytes)}   load: {m.load_ms} ms")
+    measured = f" ({m.measure_method})" if m.measure_method else ""
+    print(f"size:    {_size(m.size_bytes)}{measured}   load: {m.load_ms} ms")
     if m.last_error:
         print(f"error:   {m.last_error}")
     if m.last_decision:
@@ -88,9 +89,9 @@ def status(channel: grpc.Channel, args: argparse.Namespace) -> int:
     if bounds:
         print("spec:    " + ", ".join(bounds))
     if m.copies:
-        _table(("INSTANCE", "ADDRESS", "STATE", "SIZE", "ERROR"),
-               [(c.instance_id, c.address, types_pb2.CopyState.Name(c.state), _size(c.size_bytes), c.error)
-                for c in m.copies])
+        _table(("INSTANCE", "ADDRESS", "STATE", "SIZE", "MEASURED BY", "ERROR"),
+               [(c.instance_id, c.address, types_pb2.CopyState.Name(c.state), _size(c.size_bytes),
+                 c.measure_method or "-", c.error) for c in m.copies])
     return 0
 
 

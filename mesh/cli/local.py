@@ -1,17 +1,26 @@
 """A whole mesh on this machine as child processes: etcd (unless given), Redis (optional, for
-usage telemetry), placement, runtime pods and routers. Used by `mesh up` and by the integration tests; every child is stopped by
-its own PID."""
+usage telemetry), placement replicas, runtime pods and routers. Used by `mesh up` and by the
+integration tests and benchmarks; every child is stopped by its own PID.
+
+With `supervise=True` (what `mesh up` uses) a child that exits on its own is restarted with the
+same ports, environment and data dir (mesh.cli.supervise); kill(), stop_process() and stop()
+are intentional and never restarted. Without it (the tests' default) a dead child stays dead.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,14 +45,32 @@ class LocalMesh:
     pod_env: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
     ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    placements: int = 1  # placement replicas: "placement", "placement-1", ...
+    routers: int = 1  # routers: "router" (on router_port), "router-1", ...
+    supervise: bool = False  # restart children that exit on their own (mesh up)
+    restart_backoff_s: float = 0.5  # first restart delay; doubles per quick failure
+    restart_backoff_max_s: float = 10.0
+    # name -> how to start that child again with the same ports, environment and data dir
+    _starters: dict[str, Callable[[], subprocess.Popen]] = dataclasses.field(default_factory=dict, repr=False)
+    _lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
+    _supervisor: object = dataclasses.field(default=None, repr=False)
 
     @property
     def router_address(self) -> str:
         return f"127.0.0.1:{self.ports['router']}"
 
     @property
+    def router_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.ports[router_name(i)]}" for i in range(self.routers)]
+
+    @property
     def etcd_endpoint(self) -> str:
         return self.etcd
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts the supervisor made, by child name (empty without supervision)."""
+        return dict(self._supervisor.restarts) if self._supervisor is not None else {}  # type: ignore[attr-defined]
 
     def log(self, name: str) -> pathlib.Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -52,21 +79,41 @@ class LocalMesh:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
             if not self.etcd:
-                client, peer = _port(2379), procs.free_port()
-                self.procs["etcd"] = procs.start_etcd(self.state_dir / "etcd", client, peer, self.log("etcd"))
-                self.etcd = f"127.0.0.1:{client}"
+                self.ports["etcd"], self.ports["etcd-peer"] = _port(2379), procs.free_port()
+                self.start_etcd()
+                self.etcd = f"127.0.0.1:{self.ports['etcd']}"
             if self.redis:
                 self.start_redis()
-            self.start_placement("placement")
+            for i in range(self.placements):
+                self.start_placement(placement_name(i))
             for i in range(self.pods):
                 self.start_pod(i)
-            self.ports["router"] = self.router_port or procs.free_port()
-            self._spawn("router", "router", {"MESH_ROUTER_LISTEN": self.router_address})
+            for i in range(self.routers):
+                self.start_router(i)
             self.wait_ready(timeout)
+            if self.supervise:
+                from mesh.cli.supervise import Supervisor
+
+                self._supervisor = Supervisor(self, self.restart_backoff_s, self.restart_backoff_max_s)
+                self._supervisor.start()  # type: ignore[attr-defined]
         except BaseException:
             self.stop()
             raise
         return self
+
+    # -- children ---------------------------------------------------------------------------
+
+    def _add(self, name: str, starter: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+        proc = starter()
+        with self._lock:
+            self._starters[name] = starter
+            self.procs[name] = proc
+        return proc
+
+    def start_etcd(self) -> None:
+        """Starts (or restarts) the etcd child on the same data dir and ports, so its state survives."""
+        client, peer = self.ports["etcd"], self.ports["etcd-peer"]
+        self._add("etcd", lambda: procs.start_etcd(self.state_dir / "etcd", client, peer, self.log("etcd")))
 
     @property
     def redis_url(self) -> str:
@@ -74,32 +121,34 @@ class LocalMesh:
 
     def start_redis(self) -> None:
         """Starts (or restarts, on the same port) the Redis child."""
-        self.ports.setdefault("redis", procs.free_port())
-        self.procs["redis"] = start_redis(self.ports["redis"], self.log("redis"))
+        port = self.ports.setdefault("redis", procs.free_port())
+        self._add("redis", lambda: start_redis(port, self.log("redis")))
 
     def common_env(self) -> dict[str, str]:
         env = {
             "MESH_ETCD_ENDPOINTS": self.etcd,
             "MESH_ROOT": self.root,
             "MESH_LEASE_TTL_S": str(self.lease_ttl_s),
+            # No load balancer on one machine to take a stopping router out of rotation: no
+            # settle period (its 5 s default would slow every stop); `env` may set one.
+            "MESH_ROUTER_DRAIN_SETTLE_S": "0",
         }
         if self.redis_url:
             env["MESH_REDIS_URL"] = self.redis_url
         return {**env, **self.env}
 
     def _spawn(self, name: str, kind: str, env: dict[str, str]) -> subprocess.Popen:
-        self.ports[f"{name}-metrics"] = metrics_port = procs.free_port()
-        env = {**env, f"MESH_{kind.upper()}_METRICS_PORT": str(metrics_port)}
-        proc = procs.start_mesh_process([kind], {**self.common_env(), **env}, self.log(name))
-        self.procs[name] = proc
-        return proc
+        # A restart keeps the metrics port, so scrape(name) keeps working.
+        metrics_port = self.ports.setdefault(f"{name}-metrics", procs.free_port())
+        full = {**self.common_env(), **env, f"MESH_{kind.upper()}_METRICS_PORT": str(metrics_port)}
+        return self._add(name, lambda: procs.start_mesh_process([kind], full, self.log(name)))
 
     def start_placement(self, name: str) -> None:
         self.ports[name] = procs.free_port()
         self._spawn(name, "placement", {"MESH_PLACEMENT_LISTEN": f"127.0.0.1:{self.ports[name]}",
-                           "MESH_PLACEMENT_INSTANCE_ID": name})
+                                        "MESH_PLACEMENT_INSTANCE_ID": name})
 
-    def start_pod(self, i: int) -> None:
+    def start_pod(self, i: int, env: dict[str, str] | None = None) -> None:
         name = f"pod-{i}"
         self.ports[name] = procs.free_port()
         self._spawn(name, "runtime", {
@@ -108,23 +157,67 @@ class LocalMesh:
             "MESH_RUNTIME_CAPACITY": self.capacity,
             "MESH_RUNTIME_CACHE_DIR": str(self.state_dir / "cache" / name),
             **self.pod_env.get(i, {}),
+            **(env or {}),
         })
 
+    def start_router(self, i: int = 0) -> None:
+        """Starts router `i` ("router" is 0); a router started again keeps its port."""
+        name = router_name(i)
+        if name not in self.ports:
+            self.ports[name] = (self.router_port or procs.free_port()) if i == 0 else procs.free_port()
+        self._spawn(name, "router", {"MESH_ROUTER_LISTEN": f"127.0.0.1:{self.ports[name]}"})
+
+    def restart(self, name: str, old: subprocess.Popen) -> subprocess.Popen | None:
+        """Starts `name` again the way it was started, unless it was stopped on purpose
+        meanwhile (then returns None). Used by the supervisor."""
+        with self._lock:
+            if self.procs.get(name) is not old:
+                return None
+            starter = self._starters[name]
+        proc = starter()  # outside the lock: etcd takes a while to listen
+        with self._lock:
+            if self.procs.get(name) is old:
+                self.procs[name] = proc
+                return proc
+        procs.stop(proc)  # killed or stopped while we restarted it
+        return None
+
+    def pid(self, name: str) -> int:
+        with self._lock:
+            return self.procs[name].pid
+
+    def children(self) -> dict[str, int]:
+        """name -> PID of every child now (a snapshot; the supervisor may replace them)."""
+        with self._lock:
+            return {name: proc.pid for name, proc in self.procs.items()}
+
+    def resume_all(self) -> None:
+        """SIGCONT to every child: one left stopped by a fault would ignore SIGTERM."""
+        for pid in self.children().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    # -- readiness --------------------------------------------------------------------------
+
     def wait_ready(self, timeout: float) -> None:
-        """Until the router answers ServerReady, a placement leader exists and every pod is in etcd."""
+        """Until every router answers ServerReady, a placement leader exists and every pod is in etcd."""
         deadline = time.monotonic() + timeout
-        procs.wait_port("127.0.0.1", self.ports["router"], timeout, self.procs["router"])
+        for i in range(self.routers):
+            name = router_name(i)
+            procs.wait_port("127.0.0.1", self.ports[name], timeout, self.procs[name])
         pods = {f"pod-{i}" for i in range(self.pods)}
         while time.monotonic() < deadline:
             self._check_alive()
             instances, leader = asyncio.run(self._read_cluster())
-            if pods <= instances and leader and self._router_ready():
+            if pods <= instances and leader and all(self.router_ready(a) for a in self.router_addresses):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"mesh not ready after {timeout}s; logs in {self.state_dir / 'logs'}")
 
     def _check_alive(self) -> None:
-        for name, proc in self.procs.items():
+        with self._lock:
+            children = list(self.procs.items())
+        for name, proc in children:
             if proc.poll() is not None:
                 tail = self.log(name).read_text(errors="replace")[-3000:] if self.log(name).exists() else ""
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
@@ -139,8 +232,9 @@ class LocalMesh:
             await client.close()
         return {kv.key.rsplit("/", 1)[-1] for kv in kvs}, leader is not None
 
-    def _router_ready(self) -> bool:
-        with grpc.insecure_channel(self.router_address) as channel:
+    def router_ready(self, address: str | None = None) -> bool:
+        """True when the router at `address` (default: the first) answers ServerReady."""
+        with grpc.insecure_channel(address or self.router_address) as channel:
             call = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")
             try:
                 return call(b"", timeout=1) == b"\x08\x01"
@@ -158,10 +252,6 @@ class LocalMesh:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return samples
-
-    def stop_process(self, name: str) -> int | None:
-        """Graceful stop (SIGTERM) of one child; returns its exit code."""
-        return procs.stop(self.procs.pop(name))
 
     def wait_instances(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -189,17 +279,43 @@ class LocalMesh:
             return registry_pb2_grpc.ModelRegistryStub(channel).GetModel(
                 registry_pb2.GetModelRequest(model_id=model_id), timeout=10)
 
+    # -- stopping (always intentional: never restarted) -------------------------------------
+
+    def _take(self, name: str) -> subprocess.Popen:
+        with self._lock:
+            self._starters.pop(name, None)
+            return self.procs.pop(name)
+
+    def stop_process(self, name: str) -> int | None:
+        """Graceful stop (SIGTERM) of one child; returns its exit code."""
+        return procs.stop(self._take(name))
+
     def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
+        """kill -9 of one child, which then stays dead (the caller restarts it if it wants)."""
+        proc = self._take(name)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(10)
 
     def stop(self) -> None:
-        """Routers first, then placement and pods, etcd last."""
-        order = sorted(self.procs, key=lambda n: (n in ("etcd", "redis"), not n.startswith("router")))
+        """The supervisor first (nothing is restarted from here on), then routers, placement
+        and pods, etcd and Redis last; each child by its own PID."""
+        if self._supervisor is not None:
+            self._supervisor.close()  # type: ignore[attr-defined]
+            self._supervisor = None
+        with self._lock:
+            order = sorted(self.procs, key=lambda n: (n in ("etcd", "redis"), not n.startswith("router")))
         for name in order:
-            procs.stop(self.procs.pop(name))
+            with contextlib.suppress(KeyError):
+                procs.stop(self._take(name))
+
+
+def router_name(i: int) -> str:
+    return "router" if i == 0 else f"router-{i}"
+
+
+def placement_name(i: int) -> str:
+    return "placement" if i == 0 else f"placement-{i}"
 
 
 def start_redis(port: int, log_path: pathlib.Path, timeout: float = 20.0) -> subprocess.Popen:
@@ -211,7 +327,7 @@ def start_redis(port: int, log_path: pathlib.Path, timeout: float = 20.0) -> sub
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    procs.wait_port("127.0.0.1", port, timeout, proc)
+    procs.wait_or_stop(proc, port, timeout)
     return proc
 
 

@@ -1,6 +1,8 @@
 """`mesh` — run the mesh locally, run one process, or talk to a running router.
 
-    mesh up                         etcd + placement + 2 runtime pods + router + demo models
+    mesh up [--pods N] [--placements N] [--routers N]
+                                    etcd + Redis + 2 placement replicas + 2 runtime pods + router
+                                    + demo models; a child that dies is restarted
     mesh router|placement|runtime   one process, configured by MESH_* variables (containers)
     mesh register ID URI [--sha256 H] [--tenant T] [--label k=v] [--min-copies N] [--max-copies N]
                          [--max-batch-size N] [--max-queue-delay-us US]
@@ -41,6 +43,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default=".mesh", help="etcd data, caches and logs (default .mesh)")
     up.add_argument("--port", type=int, default=8033, help="router port (default 8033)")
     up.add_argument("--pods", type=int, default=2, help="runtime pods (default 2)")
+    up.add_argument("--placements", type=_positive, default=2,
+                    help="placement replicas: one leads, the others stand by (default 2)")
+    up.add_argument("--routers", type=_positive, default=1,
+                    help="routers; the first on --port, the others on free ports, all printed (default 1)")
+    up.add_argument("--lease-ttl", type=_positive, default=10, metavar="S",
+                    help="lease TTL of pods and the placement leader, seconds (default 10)")
     up.add_argument("--capacity", default="64MiB", help="model memory per pod (default 64MiB)")
     up.add_argument("--no-demo", action="store_true", help="register no demo models")
 

@@ -82,7 +82,57 @@ def start_etcd(
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    wait_port("127.0.0.1", client_port, 20, proc)
+    wait_or_stop(proc, client_port, 20)
+    return proc
+
+
+def wait_or_stop(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    """Waits for `proc` to listen on `port`; a child that never does is stopped, not leaked."""
+    try:
+        wait_port("127.0.0.1", port, timeout, proc)
+    except BaseException:
+        stop(proc, grace=2)
+        raise
+
+
+def start_etcd_member(
+    name: str,
+    data_dir: pathlib.Path,
+    client_port: int,
+    peer_port: int,
+    initial_cluster: Mapping[str, int],
+    log_path: pathlib.Path,
+    wait: bool = True,
+    advertise_peer_port: int | None = None,
+) -> subprocess.Popen:
+    """One member of a loopback etcd cluster; `initial_cluster` maps every member's name to the
+    peer port it advertises (`advertise_peer_port`, e.g. a test's proxy in front of
+    `peer_port`; by default `peer_port` itself). Start all members before waiting on any
+    (`wait=False`): a member serves only once a quorum of its peers is up. Election timeouts
+    are etcd's defaults (100 ms heartbeat, 1 s election): a killed leader is replaced in ~1 s."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    client = f"http://127.0.0.1:{client_port}"
+    peer = f"http://127.0.0.1:{peer_port}"
+    advertised = f"http://127.0.0.1:{advertise_peer_port or peer_port}"
+    cluster = ",".join(f"{member}=http://127.0.0.1:{port}" for member, port in initial_cluster.items())
+    args = [
+        etcd_binary(),
+        "--name", name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client,
+        "--advertise-client-urls", client,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", advertised,
+        "--initial-cluster", cluster,
+        "--initial-cluster-state", "new",
+        "--initial-cluster-token", "mesh-" + "-".join(str(p) for p in sorted(initial_cluster.values())),
+        "--log-level", "warn",
+    ]
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    if wait:
+        wait_or_stop(proc, client_port, 20)
     return proc
 
 

@@ -1,11 +1,18 @@
-"""`mesh up`: the whole mesh on this machine, demo models registered, until Ctrl-C."""
+"""`mesh up`: the whole mesh on this machine, demo models registered, until Ctrl-C.
+
+Children are supervised (mesh.cli.supervise): one that dies is started again with backoff and
+the rest keep serving. Two placement replicas by default, so a leader's death leaves a standby.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import pathlib
 import shutil
 import signal
+import sys
 import threading
 
 import grpc
@@ -17,32 +24,49 @@ from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 def run(args: argparse.Namespace) -> int:
     state = pathlib.Path(args.state_dir).resolve()
+    _log_supervisor()
     mesh = LocalMesh(state_dir=state, router_port=args.port, pods=args.pods, capacity=args.capacity,
-                     etcd=args.etcd or "", lease_ttl_s=10,
-                     redis=shutil.which("redis-server") is not None)  # usage telemetry when available
-    print(f"starting meshserve: {args.pods} runtime pods of {args.capacity}, state in {state} ...", flush=True)
-    mesh.start()
+                     etcd=args.etcd or "", lease_ttl_s=args.lease_ttl,
+                     root=os.environ.get("MESH_ROOT", "/meshserve"),  # the etcd key root, as for every process
+                     redis=shutil.which("redis-server") is not None,  # usage telemetry when available
+                     placements=args.placements, routers=args.routers, supervise=True)
+    print(f"starting meshserve: {args.pods} runtime pods of {args.capacity}, {args.placements} placement "
+          f"replicas, {args.routers} router(s), state in {state} ...", flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
+        mesh.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         registered = [] if args.no_demo else _register_demo(mesh, state / "models")
+        addresses = mesh.router_addresses
         print(f"\nmeshserve is up: router (KServe V2 gRPC + registration API) at {mesh.router_address}")
+        if len(addresses) > 1:
+            print("routers (any of them serves every model): " + ", ".join(addresses))
         print(f"etcd at {mesh.etcd}, logs in {state / 'logs'}")
         print(f"usage telemetry in Redis at {mesh.redis_url}" if mesh.redis_url
               else "usage telemetry off (no redis-server on PATH)")
+        print("processes (restarted when they die): "
+              + ", ".join(f"{name} pid {proc.pid}" for name, proc in sorted(mesh.procs.items())))
         if registered:
             print("demo models: " + ", ".join(registered))
             print(f"\ntry:\n  mesh infer {registered[0]} --router {mesh.router_address}")
             print(f"  mesh status {registered[0]} --router {mesh.router_address}")
             print(f"  mesh list --router {mesh.router_address}")
         print("\nCtrl-C stops everything.", flush=True)
-        while not stop.wait(1.0):
-            mesh._check_alive()
+        stop.wait()
     finally:
         print("\nstopping ...", flush=True)
         mesh.stop()
     return 0
+
+
+def _log_supervisor() -> None:
+    """Restart messages go to stdout beside the banner."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s supervisor: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("mesh.cli.supervise")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _register_demo(mesh: LocalMesh, folder: pathlib.Path) -> list[str]:

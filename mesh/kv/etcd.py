@@ -2,8 +2,9 @@
 
 We own the loops that matter (watch resume, lease keep-alive) instead of trusting a client
 library's: `watch` yields whole responses and raises `Compacted`, so the caller re-lists and
-diffs (see view.py); `Lease.keep_alive` renews every TTL/3 and reports loss.
-Every call carries a deadline.
+diffs (see view.py); `Lease.keep_alive` (lease.py) renews every TTL/3 and reports doubt and
+loss. Any number of endpoints, names or addresses; calls fail over between members and etcd's
+errors become the mesh's kinds (members.py). Every call carries a deadline.
 """
 
 from __future__ import annotations
@@ -12,28 +13,31 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from aetcd.rpc import kv_pb2, rpc_pb2
 
-from mesh.errors import Conflict, Unavailable
+from mesh.errors import Conflict, LeaseNotFound, MeshError, Unavailable
 from mesh.kv.keys import prefix_end
+from mesh.kv.lease import Lease
+from mesh.kv.members import METADATA, Fault, Member, Members, classify
 from mesh.settings import CommonSettings
+
+__all__ = ["KV", "Compacted", "EtcdClient", "Event", "Lease", "Tls", "WatchBatch", "compare", "delete_op", "put_op"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+# A call waits this long for one member while another is left to try (members.py); a read
+# is then retried there, a write fails UNAVAILABLE (indeterminate: it is never sent twice).
+MEMBER_TIMEOUT = 2.0
+# A watch asks for progress this often; a member silent for WATCH_PROGRESS_S + MEMBER_TIMEOUT
+# (stopped, or its connection blackholed) loses the watch to the next member.
+WATCH_PROGRESS_S = 2.0
 # etcd rejects a transaction with more operations than this (--max-txn-ops, default 128).
 MAX_TXN_OPS = 128
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
 
 EQUAL = rpc_pb2.Compare.EQUAL
 CREATE = rpc_pb2.Compare.CREATE
@@ -103,10 +107,6 @@ def delete_op(key: str) -> rpc_pb2.RequestOp:
     return rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key.encode()))
 
 
-def _unavailable(exc: grpc.aio.AioRpcError) -> Unavailable:
-    return Unavailable(f"etcd unavailable: {exc.code().name}: {exc.details()}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Tls:
     """PEM bytes for a TLS connection to etcd; cert and key only for mutual TLS."""
@@ -124,21 +124,12 @@ class Tls:
 
 
 class EtcdClient:
-    """One channel to etcd; endpoints tried in order by gRPC's pick_first."""
+    """Calls go to one member until it fails, then to the next (members.py)."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT, tls: Tls | None = None) -> None:
-        if not endpoints:
-            raise ValueError("at least one etcd endpoint is needed (MESH_ETCD_ENDPOINTS)")
-        self.endpoints = list(endpoints)
-        target = self.endpoints[0] if len(self.endpoints) == 1 else "ipv4:" + ",".join(self.endpoints)
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            self._channel = grpc.aio.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
-        self._kv = rpc_pb2_grpc.KVStub(self._channel)
-        self._watch = rpc_pb2_grpc.WatchStub(self._channel)
-        self._lease = rpc_pb2_grpc.LeaseStub(self._channel)
+    def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT, tls: Tls | None = None,
+                 member_timeout: float = MEMBER_TIMEOUT) -> None:
+        self._members = Members(endpoints, tls, min(member_timeout, timeout))
+        self.endpoints = [m.endpoint for m in self._members.members]
         self.timeout = timeout
 
     @classmethod
@@ -149,8 +140,25 @@ class EtcdClient:
             tls = Tls.from_files(common.etcd_ca_file, common.etcd_cert_file, common.etcd_key_file)
         return cls(common.endpoints(), tls=tls)
 
+    @property
+    def member(self) -> str:
+        """The endpoint calls go to now."""
+        return self._members.active.endpoint
+
     async def close(self) -> None:
-        await self._channel.close()
+        await self._members.close()
+
+    async def _read(self, method: str, request: object, timeout: float | None = None) -> object:
+        """A call etcd may safely get twice: retried on the next member after a member fault."""
+        return await self._members.call(
+            lambda m, t: getattr(m.kv, method)(request, timeout=t, metadata=METADATA),
+            timeout or self.timeout, retry_safe=True)
+
+    async def _write(self, method: str, request: object) -> object:
+        """A mutation: sent to a second member only when the first surely did not apply it."""
+        return await self._members.call(
+            lambda m, t: getattr(m.kv, method)(request, timeout=t, metadata=METADATA),
+            self.timeout, retry_safe=False)
 
     async def get(self, key: str) -> KV | None:
         kvs, _ = await self._range(rpc_pb2.RangeRequest(key=key.encode()))
@@ -162,40 +170,22 @@ class EtcdClient:
         return await self._range(rpc_pb2.RangeRequest(key=raw, range_end=prefix_end(raw)))
 
     async def _range(self, request: rpc_pb2.RangeRequest) -> tuple[list[KV], int]:
-        try:
-            resp = await self._kv.Range(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
-        return [_kv(item) for item in resp.kvs], resp.header.revision
+        resp = await self._read("Range", request)
+        return [_kv(item) for item in resp.kvs], resp.header.revision  # type: ignore[attr-defined]
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        try:
-            resp = await self._kv.Put(
-                rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease), timeout=self.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
-        return resp.header.revision
+        resp = await self._write("Put", rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease))
+        return resp.header.revision  # type: ignore[attr-defined]
 
     async def delete(self, key: str) -> int:
         """Deletes one key; returns how many were deleted (0 or 1)."""
-        try:
-            resp = await self._kv.DeleteRange(
-                rpc_pb2.DeleteRangeRequest(key=key.encode()), timeout=self.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
-        return resp.deleted
+        resp = await self._write("DeleteRange", rpc_pb2.DeleteRangeRequest(key=key.encode()))
+        return resp.deleted  # type: ignore[attr-defined]
 
     async def delete_prefix(self, prefix: str) -> int:
         raw = prefix.encode()
-        try:
-            resp = await self._kv.DeleteRange(
-                rpc_pb2.DeleteRangeRequest(key=raw, range_end=prefix_end(raw)), timeout=self.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
-        return resp.deleted
+        resp = await self._write("DeleteRange", rpc_pb2.DeleteRangeRequest(key=raw, range_end=prefix_end(raw)))
+        return resp.deleted  # type: ignore[attr-defined]
 
     async def txn(
         self,
@@ -204,12 +194,8 @@ class EtcdClient:
         failure: Sequence[rpc_pb2.RequestOp] = (),
     ) -> tuple[bool, int]:
         """Runs a transaction; returns (succeeded, revision)."""
-        request = rpc_pb2.TxnRequest(compare=compares, success=success, failure=failure)
-        try:
-            resp = await self._kv.Txn(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
-        return resp.succeeded, resp.header.revision
+        resp = await self._write("Txn", rpc_pb2.TxnRequest(compare=compares, success=success, failure=failure))
+        return resp.succeeded, resp.header.revision  # type: ignore[attr-defined]
 
     async def create(self, key: str, value: bytes, lease: int = 0) -> int:
         """Puts `key` only if it does not exist; raises Conflict when it does."""
@@ -219,23 +205,43 @@ class EtcdClient:
         return rev
 
     async def compact(self, revision: int) -> None:
-        await self._kv.Compact(rpc_pb2.CompactionRequest(revision=revision), timeout=self.timeout)
+        await self._read("Compact", rpc_pb2.CompactionRequest(revision=revision))
 
     # -- leases -------------------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> Lease:
-        try:
-            resp = await self._lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=ttl), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
-        return Lease(self, resp.ID, resp.TTL)
+        # Retried like a read: a lease granted twice expires by itself.
+        sent = time.monotonic()
+        resp = await self._members.call(
+            lambda m, t: m.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=ttl), timeout=t, metadata=METADATA),
+            self.timeout, retry_safe=True)
+        return Lease(self, resp.ID, resp.TTL, sent_at=sent)
 
-    async def revoke(self, lease_id: int) -> None:
+    async def revoke(self, lease_id: int, timeout: float | None = None) -> None:
+        """Revokes a lease; one etcd no longer has counts as revoked."""
         try:
-            await self._lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise _unavailable(exc) from exc
+            await self._members.call(
+                lambda m, t: m.lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease_id), timeout=t,
+                                                 metadata=METADATA),
+                timeout or self.timeout, retry_safe=True)
+        except LeaseNotFound:
+            pass
+
+    async def renew(self, lease_id: int, timeout: float | None = None) -> int:
+        """One keep-alive round trip; returns the lease's fresh TTL (<= 0: etcd no longer has it)."""
+
+        async def attempt(member: Member, attempt_timeout: float) -> int:
+            call = member.lease.LeaseKeepAlive(_one(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)),
+                                               timeout=attempt_timeout, metadata=METADATA)
+            try:
+                resp = await call.read()
+            finally:
+                call.cancel()
+            if resp is grpc.aio.EOF:
+                raise Unavailable(f"etcd member {member.endpoint} ended a lease keep-alive without an answer")
+            return int(resp.TTL)
+
+        return await self._members.call(attempt, timeout or self.timeout, retry_safe=True)
 
     # -- watch --------------------------------------------------------------------------------
 
@@ -243,7 +249,8 @@ class EtcdClient:
         """Yields every change under `prefix` from `start_revision` on, one batch per response.
 
         Raises Compacted when etcd no longer has `start_revision`, Unavailable when the stream
-        breaks; the caller resumes from the last batch's revision + 1 or re-lists.
+        breaks or its member goes silent (the member is then passed over); the caller resumes
+        from the last batch's revision + 1, or re-lists, on the next member.
         """
         raw = prefix.encode()
         create = rpc_pb2.WatchCreateRequest(
@@ -252,16 +259,34 @@ class EtcdClient:
 
         async def requests() -> AsyncIterator[rpc_pb2.WatchRequest]:
             yield rpc_pb2.WatchRequest(create_request=create)
-            await asyncio.Event().wait()  # keep the request side open until cancelled
+            while True:  # keeps the request side open until cancelled, and proves the member alive
+                await asyncio.sleep(WATCH_PROGRESS_S)
+                yield rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
 
-        call = self._watch.Watch(requests())
+        member = self._members.pick()
+        assert member is not None
+        silence = WATCH_PROGRESS_S + self._members.member_timeout
+        call = member.watch.Watch(requests(), metadata=METADATA)
         try:
-            async for resp in call:
+            while True:
+                try:
+                    async with asyncio.timeout(silence):
+                        resp = await call.read()
+                except TimeoutError:
+                    fault = Fault(Unavailable(f"etcd member {member.endpoint} sent nothing on a watch "
+                                              f"for {silence:.0f}s"), True, True)
+                    self._members.failed(member, fault)
+                    raise fault.error from None
+                if resp is grpc.aio.EOF:
+                    raise Unavailable(f"etcd member {member.endpoint} ended the watch stream")
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
-                    raise Unavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
-                if resp.created and not resp.events:
+                    raise _cancelled(member, resp.cancel_reason)
+                # An answer to our progress request (watch id -1) only proves the member alive:
+                # etcd before 3.5.8 sends it ahead of events still queued, so its revision must
+                # not move the resume point. etcd's own progress notifications do (when synced).
+                if resp.watch_id == -1 or (resp.created and not resp.events):
                     continue
                 events = tuple(
                     Event(
@@ -273,48 +298,18 @@ class EtcdClient:
                 )
                 yield WatchBatch(events=events, revision=resp.header.revision)
         except grpc.aio.AioRpcError as exc:
-            raise _unavailable(exc) from exc
+            fault = classify(exc, member.endpoint)
+            if fault.member_fault:
+                self._members.failed(member, fault)
+            raise fault.error from exc
         finally:
             call.cancel()
 
 
-class Lease:
-    """A granted lease. `keep_alive` renews it every TTL/3 until cancelled or lost."""
-
-    def __init__(self, client: EtcdClient, lease_id: int, ttl: int) -> None:
-        self.client = client
-        self.id = lease_id
-        self.ttl = ttl
-        self.lost = asyncio.Event()
-
-    async def keep_alive(self) -> None:
-        """Runs until cancelled; sets `lost` and returns when etcd says the lease expired or
-        renewals have failed for longer than the TTL (we may already be dead: stop acting)."""
-        interval = max(self.ttl / 3, 0.2)
-        loop = asyncio.get_running_loop()
-        last_ok = loop.time()
-        while not self.lost.is_set():
-            call = self.client._lease.LeaseKeepAlive(
-                _one(rpc_pb2.LeaseKeepAliveRequest(ID=self.id)), timeout=interval
-            )
-            try:
-                resp = await call.read()
-                if resp is grpc.aio.EOF or resp.TTL <= 0:
-                    log.warning("lease %x expired", self.id)
-                    self.lost.set()
-                    return
-                last_ok = loop.time()
-            except (TimeoutError, grpc.aio.AioRpcError) as exc:
-                log.warning("lease %x keep-alive failed: %s", self.id, exc)
-                if loop.time() - last_ok > self.ttl:
-                    self.lost.set()
-                    return
-            finally:
-                call.cancel()
-            await asyncio.sleep(interval)
-
-    async def revoke(self) -> None:
-        await self.client.revoke(self.id)
+def _cancelled(member: Member, reason: str) -> MeshError:
+    if "permission denied" in reason.lower():
+        return Unavailable(f"etcd denied meshserve's watch ({reason}); check this process's etcd user and role")
+    return Unavailable(f"etcd member {member.endpoint} cancelled the watch: {reason}")
 
 
 async def _one(item: rpc_pb2.LeaseKeepAliveRequest) -> AsyncIterator[rpc_pb2.LeaseKeepAliveRequest]:

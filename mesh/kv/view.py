@@ -42,6 +42,9 @@ class View:
         self._listeners: list[Listener] = []
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
+        # False from a broken watch until the next successful list: readers that must tell
+        # "absent" from "not known right now" (NOT_FOUND vs UNAVAILABLE) check it.
+        self.connected = False
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -83,6 +86,7 @@ class View:
             except TimeoutError:
                 pass  # periodic re-list
             except Unavailable as exc:
+                self.connected = False
                 log.warning("watch of %s interrupted: %s", self.prefix, exc)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
@@ -106,6 +110,7 @@ class View:
         self._tombstones.clear()
         self.stats.relists += 1
         await self._publish(events, revision)
+        self.connected = True
         self._synced.set()
 
     async def _apply(self, events: Iterable[Event], revision: int) -> None:

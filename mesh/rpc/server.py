@@ -9,19 +9,39 @@ import signal
 import grpc
 
 from mesh.metrics import Metrics
-from mesh.rpc.status import StatusServer
+from mesh.rpc.status import InFlightLimit, StatusServer
 
 log = logging.getLogger(__name__)
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+# Clients (routers pinging pods to find frozen ones) may send keepalive pings this often, with
+# or without calls in flight; pings more frequent than this are strikes, and after
+# MAX_PING_STRIKES the server sends GOAWAY too_many_pings (a ping flood is cut off).
+# Half of the fastest client interval we use (1 s), for timer jitter.
+MIN_CLIENT_PING_INTERVAL_MS = 500
+MAX_PING_STRIKES = 2
+
+
+def server_options(max_message_bytes: int, max_concurrent_streams: int = 100) -> list[tuple[str, int]]:
+    """Limits of every server, set on purpose (RELIABILITY.md S12).
+
+    `max_concurrent_streams` is per connection: a client beyond it is queued by its own HTTP/2
+    layer, not answered, so a server whose one client multiplexes many callers (a pod behind
+    a router) sets it above its own admission limits, letting admission shed with a hint.
+    There is no max connection age: it would cut long ModelStreamInfer streams, and routers
+    keep one long-lived channel per pod on purpose; idle connections close after 30 min.
+    """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_concurrent_streams", 100),
+        ("grpc.max_concurrent_streams", max_concurrent_streams),
         ("grpc.max_metadata_size", 16 * 1024),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        # Without this a server counts every ping on a connection with no call in flight as
+        # a strike (its allowed interval is then 2 hours): an idle router->pod channel with
+        # keepalive_permit_without_calls got GOAWAY too_many_pings after two pings.
+        ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.max_connection_idle_ms", 30 * 60_000),
@@ -30,11 +50,22 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Client channels (router -> pods and placement, placement -> pods).
+
+    Keepalive well below the lease TTL (RELIABILITY.md F5, F14): a ping every second and 2 s
+    for its ack, so a frozen or blackholed peer's connection is declared dead, and the calls on
+    it fail UNAVAILABLE (retried on another copy), within about 3 s; servers permit pings
+    this often (MIN_CLIENT_PING_INTERVAL_MS).
+    """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_time_ms", 1_000),
+        ("grpc.keepalive_timeout_ms", 2_000),
+        # What actually times a keepalive ping out in grpcio 1.85 (its trace says "Set ping
+        # timeout timer of 60000ms" whatever keepalive_timeout_ms is): without it a call on a
+        # SIGSTOPped pod waited out its whole deadline; with it, it fails UNAVAILABLE in ~3 s.
+        ("grpc.http2.ping_timeout_ms", 2_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 200),
@@ -48,20 +79,29 @@ def make_server(
     max_message_bytes: int,
     metrics: Metrics,
     max_concurrent_rpcs: int | None = None,
+    *,
+    limit_setting: str = "",
+    max_concurrent_streams: int = 100,
 ) -> tuple[StatusServer, int]:
     """A grpc.aio server bound to `listen`; returns it with the bound port (for port 0).
 
     Every handler registered on it maps MeshErrors to their status and is counted and timed
     (mesh/rpc/status.py), wrapped once at registration: no per-RPC interceptor.
+
+    `max_concurrent_rpcs`: RPCs beyond it are shed at once with RESOURCE_EXHAUSTED, a
+    `grpc-retry-pushback-ms` hint and a message naming `limit_setting` (status.InFlightLimit).
+    grpc's own limit (which answers "Concurrent RPC limit exceeded!" with no hint) sits
+    above it as a backstop, for RPCs arriving faster than the shed path answers them.
     """
+    limit = InFlightLimit(max_concurrent_rpcs, limit_setting) if max_concurrent_rpcs else None
     server = grpc.aio.server(
-        options=server_options(max_message_bytes),
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=server_options(max_message_bytes, max_concurrent_streams),
+        maximum_concurrent_rpcs=limit.backstop if limit else None,
     )
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    return StatusServer(server, metrics), port
+    return StatusServer(server, metrics, limit), port
 
 
 class ChannelPool:
@@ -92,8 +132,30 @@ class ChannelPool:
             await channel.close()
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGINT/SIGTERM set `stop` so main() can shut down in order, within a bounded grace."""
+def install_stop_signals(stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
+    """SIGINT/SIGTERM set `stop` so main() can shut down in order, within a bounded grace.
+
+    With `drain` (a process that drains, like Kubernetes' stop asks): SIGTERM sets `drain`
+    instead, and SIGINT, or a second signal of either kind, sets `stop` (stop at once).
+    Installing again replaces the handlers installed before.
+    """
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if drain is None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return
+
+    def on_term() -> None:
+        if drain.is_set() or stop.is_set():
+            log.warning("second signal: stopping at once")
+            stop.set()
+        else:
+            log.info("SIGTERM: draining (a second signal stops at once)")
+            drain.set()
+
+    def on_int() -> None:
+        log.info("SIGINT: stopping at once")
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_int)

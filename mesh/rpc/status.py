@@ -5,6 +5,9 @@ built by mesh.rpc.server.make_server): a MeshError becomes its status, anything 
 and every RPC is counted and timed by method and code. This replaces a grpc.aio
 ServerInterceptor, which grpc runs per RPC (an extra coroutine, a handler lookup and a fresh
 closure for every call); profiling showed that cost on the hot path (docs/BENCHMARKS.md).
+
+An Overloaded error (a shed) also carries `grpc-retry-pushback-ms` in its trailing metadata,
+and a server built with an InFlightLimit sheds RPCs beyond it that way before running them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh.errors import Kind, MeshError
+from mesh.errors import Kind, MeshError, Overloaded
 from mesh.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,56 @@ CODES: dict[Kind, grpc.StatusCode] = {kind: getattr(grpc.StatusCode, kind.value)
 _MAX_CACHED_METHODS = 1024  # a generic handler answering any name must not grow the cache forever
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (A6 retry design), read by grpc clients
+MIN_PUSHBACK_MS, MAX_PUSHBACK_MS = 10, 1000
+
+
+def pushback_ms(latency_s: float) -> int:
+    """Retry hint of a shed: about the time the work in front needs to turn over (a recent
+    request's latency), never below MIN (a retry storm) nor above MAX."""
+    return min(max(round(latency_s * 1000), MIN_PUSHBACK_MS), MAX_PUSHBACK_MS)
+
+
 def code_of(exc: BaseException) -> grpc.StatusCode:
     return CODES[exc.kind] if isinstance(exc, MeshError) else grpc.StatusCode.INTERNAL
+
+
+def trailing_of(exc: MeshError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata a MeshError's status carries: the retry hint of a shed."""
+    if isinstance(exc, Overloaded):
+        return ((PUSHBACK_KEY, str(exc.retry_after_ms)),)
+    return ()
+
+
+def pushback_of(metadata: Any) -> tuple[tuple[str, str], ...]:
+    """The retry hint among a call's trailing metadata, to pass on across a hop (router)."""
+    return tuple((k, v) for k, v in metadata or () if k == PUSHBACK_KEY)
+
+
+class InFlightLimit:
+    """A server-wide bound on RPCs in progress; beyond it an RPC is answered at once with
+    RESOURCE_EXHAUSTED, a pushback hint (the recent mean duration of an RPC, clamped) and a
+    message naming the setting to tune. grpc's own `maximum_concurrent_rpcs` is set to
+    `backstop`, above it, for bursts arriving faster than this answers them. Event-loop only."""
+
+    MIN_PUSHBACK_MS, MAX_PUSHBACK_MS = MIN_PUSHBACK_MS, MAX_PUSHBACK_MS
+
+    def __init__(self, limit: int, setting: str = "") -> None:
+        self.limit = limit
+        self.setting = setting
+        self.active = 0
+        self.backstop = limit + max(16, limit // 4)
+        self.mean_s = 0.0  # EWMA of admitted unary RPC durations
+
+    def overloaded(self) -> Overloaded:
+        ms = pushback_ms(self.mean_s)
+        tune = f" (raise {self.setting} or add replicas)" if self.setting else ""
+        return Overloaded(
+            f"server busy: {self.active} RPCs in progress, its limit{tune}; retry after {ms} ms", ms
+        )
+
+    def finished(self, seconds: float) -> None:
+        self.mean_s += 0.05 * (seconds - self.mean_s)
 
 
 class _Recorder:
@@ -56,7 +107,7 @@ async def _fail(exc: BaseException, context: grpc.aio.ServicerContext, record: _
     if isinstance(exc, MeshError):
         code = code_of(exc)
         record(code, start)
-        await context.abort(code, exc.message)
+        await context.abort(code, exc.message, trailing_metadata=trailing_of(exc))
     if isinstance(exc, Exception):
         log.exception("unhandled error in %s", record.method)
         record(grpc.StatusCode.INTERNAL, start)
@@ -64,7 +115,7 @@ async def _fail(exc: BaseException, context: grpc.aio.ServicerContext, record: _
     # BaseException (cancellation): nothing to answer; grpc cancels the RPC.
 
 
-def _unary_response(fn: Callable[..., Any], record: _Recorder) -> Callable[..., Any]:
+def _unary_response(fn: Callable[..., Any], record: _Recorder, limit: InFlightLimit | None) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
         try:
@@ -75,44 +126,71 @@ def _unary_response(fn: Callable[..., Any], record: _Recorder) -> Callable[..., 
         record(context.code() or grpc.StatusCode.OK, start)
         return response
 
-    return wrapped
+    if limit is None:
+        return wrapped
+
+    async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if limit.active >= limit.limit:
+            record.metrics.shed.labels(record.metrics.service, "rpc_limit").inc()
+            await _fail(limit.overloaded(), context, record, time.perf_counter())  # aborts
+        limit.active += 1
+        start = time.perf_counter()
+        try:
+            return await wrapped(request, context)
+        finally:
+            limit.active -= 1
+            limit.finished(time.perf_counter() - start)
+
+    return limited
 
 
-def _stream_response(fn: Callable[..., Any], record: _Recorder) -> Callable[..., Any]:
+def _stream_response(fn: Callable[..., Any], record: _Recorder, limit: InFlightLimit | None) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
+        if limit is not None and limit.active >= limit.limit:
+            record.metrics.shed.labels(record.metrics.service, "rpc_limit").inc()
+            await _fail(limit.overloaded(), context, record, start)  # aborts
+        if limit is not None:
+            limit.active += 1
         try:
             async for item in fn(request, context):
                 yield item
         except BaseException as exc:
             await _fail(exc, context, record, start)
             raise
+        finally:
+            if limit is not None:
+                limit.active -= 1
         record(context.code() or grpc.StatusCode.OK, start)
 
     return wrapped
 
 
-def instrument(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
-    """`handler` with status mapping and metrics applied to whichever behaviour it has."""
+def instrument(
+    handler: grpc.RpcMethodHandler, method: str, metrics: Metrics, limit: InFlightLimit | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` with status mapping and metrics (and the server's in-flight limit, when it
+    has one) applied to whichever behaviour it has."""
     record = _Recorder(metrics, method.rsplit("/", 1)[-1])
     h: Any = handler
     if h.unary_unary:
-        return h._replace(unary_unary=_unary_response(h.unary_unary, record))
+        return h._replace(unary_unary=_unary_response(h.unary_unary, record, limit))
     if h.stream_unary:
-        return h._replace(stream_unary=_unary_response(h.stream_unary, record))
+        return h._replace(stream_unary=_unary_response(h.stream_unary, record, limit))
     if h.unary_stream:
-        return h._replace(unary_stream=_stream_response(h.unary_stream, record))
+        return h._replace(unary_stream=_stream_response(h.unary_stream, record, limit))
     if h.stream_stream:
-        return h._replace(stream_stream=_stream_response(h.stream_stream, record))
+        return h._replace(stream_stream=_stream_response(h.stream_stream, record, limit))
     return handler
 
 
 class _InstrumentedGeneric(grpc.GenericRpcHandler):
     """A generic handler whose method handlers are instrumented the first time each is asked for."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics, limit: InFlightLimit | None) -> None:
         self.inner = inner
         self.metrics = metrics
+        self.limit = limit
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -123,7 +201,7 @@ class _InstrumentedGeneric(grpc.GenericRpcHandler):
         handler = self.inner.service(details)
         if handler is None:
             return None
-        wrapped = instrument(handler, method, self.metrics)
+        wrapped = instrument(handler, method, self.metrics, self.limit)
         if len(self._cache) < _MAX_CACHED_METHODS:
             self._cache[method] = wrapped
         return wrapped
@@ -134,9 +212,10 @@ class StatusServer:
     `add_*Servicer_to_server` functions and generic handlers alike). Everything else is the
     grpc server's own."""
 
-    def __init__(self, server: grpc.aio.Server, metrics: Metrics) -> None:
+    def __init__(self, server: grpc.aio.Server, metrics: Metrics, limit: InFlightLimit | None = None) -> None:
         self.server = server
         self.metrics = metrics
+        self.limit = limit  # RPCs in progress beyond it are shed (health checks are not counted)
         # grpc.health.v1 for Kubernetes grpc probes: NOT_SERVING until the process says it
         # is ready, and again while it drains. Not instrumented (probes are not traffic).
         self.health = health.aio.HealthServicer()
@@ -148,11 +227,12 @@ class StatusServer:
         await self.health.set("", status)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers([_InstrumentedGeneric(h, self.metrics) for h in handlers])
+        self.server.add_generic_rpc_handlers([_InstrumentedGeneric(h, self.metrics, self.limit) for h in handlers])
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self.server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service, {name: instrument(h, f"/{service}/{name}", self.metrics) for name, h in handlers.items()}
+            service,
+            {name: instrument(h, f"/{service}/{name}", self.metrics, self.limit) for name, h in handlers.items()},
         )
 
     def add_insecure_port(self, address: str) -> int:

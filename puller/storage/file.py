@@ -9,6 +9,7 @@ import stat
 import urllib.parse
 
 from mesh.errors import InvalidArgument, LoadFailed
+from puller.storage import DiskFull, Reserve, is_disk_full
 
 
 def local_path(uri: str) -> str:
@@ -27,11 +28,14 @@ class FileClient:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
 
-    async def pull(self, uri: str, target: str) -> None:
+    async def pull(self, uri: str, target: str, reserve: Reserve | None = None) -> None:
         source = local_path(uri)
-        await asyncio.to_thread(self._copy, uri, source, target)
+        size = await asyncio.to_thread(self._check, uri, source)
+        if reserve is not None:
+            await reserve(size)
+        await asyncio.to_thread(self._copy, uri, source, target, size)
 
-    def _copy(self, uri: str, source: str, target: str) -> None:
+    def _check(self, uri: str, source: str) -> int:
         try:
             info = os.stat(source)
         except OSError as exc:
@@ -43,10 +47,22 @@ class FileClient:
                 f"artifact {uri} is {info.st_size} bytes, over the limit of {self.max_bytes} "
                 "(MESH_RUNTIME_MAX_ARTIFACT_BYTES)"
             )
+        return info.st_size
+
+    def _copy(self, uri: str, source: str, target: str, size: int) -> None:
         try:
             shutil.copyfile(source, target)
         except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(_size_of(target), size) from exc
             raise LoadFailed(f"cannot copy artifact {uri}: {exc.strerror}") from exc
+
+
+def _size_of(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 class FileProvider:

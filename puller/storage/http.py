@@ -13,6 +13,7 @@ from typing import IO
 import httpx
 
 from mesh.errors import LoadFailed
+from puller.storage import DiskFull, Reserve, is_disk_full
 
 _MAX_REDIRECTS = 5
 _CHUNK = 1024 * 1024
@@ -23,10 +24,10 @@ class HttpClient:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
 
-    async def pull(self, uri: str, target: str) -> None:
+    async def pull(self, uri: str, target: str, reserve: Reserve | None = None) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self._pull(uri, target)
+                await self._pull(uri, target, reserve)
         except TimeoutError as exc:
             raise LoadFailed(
                 f"download of {uri} took longer than {self.timeout_s}s (MESH_RUNTIME_DOWNLOAD_TIMEOUT_S)"
@@ -34,7 +35,7 @@ class HttpClient:
         except httpx.HTTPError as exc:
             raise LoadFailed(f"download of {uri} failed: {exc}") from exc
 
-    async def _pull(self, uri: str, target: str) -> None:
+    async def _pull(self, uri: str, target: str, reserve: Reserve | None) -> None:
         timeout = httpx.Timeout(self.timeout_s)
         async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
             url = uri
@@ -45,24 +46,32 @@ class HttpClient:
                         continue
                     if resp.status_code != 200:
                         raise LoadFailed(f"download of {uri} failed: HTTP {resp.status_code}")
-                    await self._save(uri, resp, target)
+                    await self._save(uri, resp, target, reserve)
                     return
             raise LoadFailed(f"download of {uri} redirected more than {_MAX_REDIRECTS} times")
 
-    async def _save(self, uri: str, resp: httpx.Response, target: str) -> None:
-        declared = resp.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise LoadFailed(self._too_big(uri, int(declared)))
-        out: IO[bytes] = await asyncio.to_thread(open, target, "wb")
+    async def _save(self, uri: str, resp: httpx.Response, target: str, reserve: Reserve | None) -> None:
+        header = resp.headers.get("content-length", "")
+        declared = int(header) if header.isdigit() else None
+        if declared is not None and declared > self.max_bytes:
+            raise LoadFailed(self._too_big(uri, declared))
+        if declared is not None and reserve is not None:
+            await reserve(declared)  # room on the cache disk before the first byte
+        total = 0
         try:
-            total = 0
-            async for chunk in resp.aiter_bytes(_CHUNK):
-                total += len(chunk)
-                if total > self.max_bytes:
-                    raise LoadFailed(self._too_big(uri, total))
-                await asyncio.to_thread(out.write, chunk)
-        finally:
-            await asyncio.to_thread(out.close)
+            out: IO[bytes] = await asyncio.to_thread(open, target, "wb")
+            try:
+                async for chunk in resp.aiter_bytes(_CHUNK):
+                    if total + len(chunk) > self.max_bytes:
+                        raise LoadFailed(self._too_big(uri, total + len(chunk)))
+                    await asyncio.to_thread(out.write, chunk)
+                    total += len(chunk)
+            finally:
+                await asyncio.to_thread(out.close)  # the buffered tail can hit ENOSPC here too
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(total, declared) from exc
+            raise LoadFailed(f"cannot write the download of {uri}: {exc.strerror}") from exc
 
     def _too_big(self, uri: str, size: int) -> str:
         return (

@@ -27,7 +27,7 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
     env = {**os.environ, "MESH_ROOT": mesh_root, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "mesh.cli.main", "up", "--etcd", etcd_endpoint, "--state-dir", str(tmp_path),
-         "--port", str(port), "--capacity", "64MiB"],
+         "--port", str(port), "--capacity", "64MiB", "--routers", "2", "--placements", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     out: list[str] = []
@@ -45,6 +45,13 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
         assert "meshserve is up" in text, text
         assert f"mesh infer demo-linear-a --router 127.0.0.1:{port}" in text
         router = f"127.0.0.1:{port}"
+        # --routers 2: every router's address is printed, and each one serves every model.
+        routers_line = next(x for x in out if x.startswith("routers (any of them serves every model): "))
+        routers = routers_line.split(": ", 1)[1].strip().split(", ")
+        assert routers[0] == router and len(routers) == 2, routers_line
+        second = mesh_cmd("infer", "demo-linear-a", "--router", routers[1], "--input", "input=[[1,2,3,4]]")
+        assert second.returncode == 0 and "output FP32 [1, 3]" in second.stdout, second.stderr
+        assert "2 placement replicas" in text and "placement-1 pid" in text, text
 
         listing = mesh_cmd("list", "--router", router)
         assert listing.returncode == 0, listing.stderr

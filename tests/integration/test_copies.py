@@ -36,6 +36,8 @@ def test_hot_model_is_copied_survives_a_kill_and_cools(etcd_endpoint: str, model
         client = triton.InferenceServerClient(mesh.router_address)
         assert _infer(client, "hot").shape == (1, 3)
         client.close()
+        # The answer can precede the LOADED record in the router's view: wait for it.
+        _wait(lambda: len(_loaded_on(mesh, "hot")) == 1, 10, "the copy's LOADED record")
         (first,) = _loaded_on(mesh, "hot")
         with Load(mesh, "hot") as load:  # until stopped: the model stays hot throughout
             _wait(lambda: _loaded_on(mesh, "hot") == ["pod-0", "pod-1"], 30, "hot model never copied")

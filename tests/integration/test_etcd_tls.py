@@ -49,6 +49,19 @@ async def test_mutual_tls_to_etcd(tmp_path: pathlib.Path) -> None:
         finally:
             await client.close()
 
+        # By name too, first in a list with a dead member: the name is verified against the
+        # certificate (DNS:localhost) and the client moves past the dead member.
+        named = CommonSettings(etcd_endpoints=f"localhost:{procs.free_port()},localhost:{port}",
+                               etcd_ca_file=str(pki["ca"]), etcd_cert_file=str(pki["client_cert"]),
+                               etcd_key_file=str(pki["client_key"]))
+        client = EtcdClient.from_settings(named)
+        try:
+            kv = await client.get("/tls/k")
+            assert kv is not None and kv.value == b"v"
+            assert client.member == f"localhost:{port}"
+        finally:
+            await client.close()
+
         plain = EtcdClient([f"127.0.0.1:{port}"], timeout=2)
         try:
             with pytest.raises(Unavailable):

@@ -123,13 +123,17 @@ def test_single_copy_on_a_killed_pod_is_reloaded(etcd_endpoint: str, model_files
         mesh.register("once", model_files["linear-1"])
         client = triton.InferenceServerClient(mesh.router_address)
         _infer(client, "once")
+        # The answer can precede the LOADED record in the router's view: wait for it.
+        _wait(lambda: len(_loaded_on(mesh, "once")) == 1, 10, "the copy's LOADED record")
         (victim,) = _loaded_on(mesh, "once")
         mesh.kill(victim)
         out, errors = _infer_until_served(client, "once", within=60)
         assert out.shape == (1, 3)
         assert set(errors) <= RETRYABLE, errors
         survivor = ({"pod-0", "pod-1"} - {victim}).pop()
-        assert _loaded_on(mesh, "once") == [survivor]
+        # Served by a reload on the survivor (the router names the dead pod to placement) as
+        # soon as the request arrives; the dead pod's copy leaves the listing when its lease lapses.
+        _wait(lambda: _loaded_on(mesh, "once") == [survivor], 20, "dead pod's copy still listed")
         client.close()
     finally:
         mesh.stop()

@@ -9,16 +9,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EnsureLoadedRequest(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "exclude_instances")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    exclude_instances: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., exclude_instances: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EnsureLoadedResponse(_message.Message):
     __slots__ = ("copies",)
     COPIES_FIELD_NUMBER: _ClassVar[int]
     copies: _containers.RepeatedCompositeFieldContainer[_types_pb2.CopyStatus]
     def __init__(self, copies: _Optional[_Iterable[_Union[_types_pb2.CopyStatus, _Mapping]]] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ("assignment", "unassigned")
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    UNASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    assignment: bytes
+    unassigned: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, assignment: _Optional[bytes] = ..., unassigned: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoadResponse(_message.Message):
+    __slots__ = ("copy", "models")
+    COPY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    copy: _types_pb2.CopyStatus
+    models: _containers.RepeatedCompositeFieldContainer[ModelUsage]
+    def __init__(self, copy: _Optional[_Union[_types_pb2.CopyStatus, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ()

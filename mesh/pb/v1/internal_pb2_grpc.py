@@ -105,7 +105,7 @@ class Placement:
 
 
 class RuntimeStub:
-    """Implemented by: puller (runtime pods). Called by: placement when choosing eviction victims.
+    """Implemented by: puller (runtime pods). Called by: placement.
     """
 
     def __init__(self, channel):
@@ -119,14 +119,33 @@ class RuntimeStub:
                 request_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/mesh.v1.Runtime/Load',
+                request_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServicer:
-    """Implemented by: puller (runtime pods). Called by: placement when choosing eviction victims.
+    """Implemented by: puller (runtime pods). Called by: placement.
     """
 
     def GetUsage(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Per-model recency and in-flight work, when choosing eviction victims.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Load(self, request, context):
+        """Sent by the placement leader only, right after its fenced transaction assigning a model to
+        this pod (and deleting the victims' assignments) succeeded: the pod starts now instead of
+        when its etcd watch shows the write; the watch delivering it later is a no-op. A direct
+        assignment the watch never confirms is dropped after a bound and the copy unloaded.
+        Answers once the copy serves here (LOADED) or failed (FAILED with the reason); UNAVAILABLE
+        when the load was cancelled or the pod is stopping; INVALID_ARGUMENT for another pod's
+        assignment. LOADED is written to etcd as usual either way.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -139,6 +158,11 @@ def add_RuntimeServicer_to_server(servicer, server):
                     request_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetUsageRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetUsageResponse.SerializeToString,
             ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mesh.v1.Runtime', rpc_method_handlers)
@@ -148,7 +172,7 @@ def add_RuntimeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Runtime:
-    """Implemented by: puller (runtime pods). Called by: placement when choosing eviction victims.
+    """Implemented by: puller (runtime pods). Called by: placement.
     """
 
     @staticmethod
@@ -168,6 +192,33 @@ class Runtime:
             '/mesh.v1.Runtime/GetUsage',
             mesh_dot_pb_dot_v1_dot_internal__pb2.GetUsageRequest.SerializeToString,
             mesh_dot_pb_dot_v1_dot_internal__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Runtime/Load',
+            mesh_dot_pb_dot_v1_dot_internal__pb2.LoadRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_internal__pb2.LoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,7 @@ class CopyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOADING: _ClassVar[CopyState]
     LOADED: _ClassVar[CopyState]
     FAILED: _ClassVar[CopyState]
+    UNLOADING: _ClassVar[CopyState]
 
 class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +27,7 @@ COPY_STATE_UNSPECIFIED: CopyState
 LOADING: CopyState
 LOADED: CopyState
 FAILED: CopyState
+UNLOADING: CopyState
 MODEL_STATE_UNSPECIFIED: ModelState
 NOT_LOADED: ModelState
 MODEL_LOADING: ModelState
@@ -64,21 +66,23 @@ class ModelSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., storage_uri: _Optional[str] = ..., format: _Optional[str] = ..., sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., min_copies: _Optional[int] = ..., max_copies: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
-    __slots__ = ("instance_id", "address", "state", "size_bytes", "error")
+    __slots__ = ("instance_id", "address", "state", "size_bytes", "error", "measure_method")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_METHOD_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     state: CopyState
     size_bytes: int
     error: str
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    measure_method: str
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., measure_method: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("spec", "state", "copies", "size_bytes", "last_error", "last_error_unix_ms", "load_ms", "last_decision", "last_decision_unix_ms")
+    __slots__ = ("spec", "state", "copies", "size_bytes", "last_error", "last_error_unix_ms", "load_ms", "last_decision", "last_decision_unix_ms", "measure_method")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +92,7 @@ class ModelStatus(_message.Message):
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_METHOD_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     state: ModelState
     copies: _containers.RepeatedCompositeFieldContainer[CopyStatus]
@@ -97,4 +102,5 @@ class ModelStatus(_message.Message):
     load_ms: int
     last_decision: str
     last_decision_unix_ms: int
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_unix_ms: _Optional[int] = ..., load_ms: _Optional[int] = ..., last_decision: _Optional[str] = ..., last_decision_unix_ms: _Optional[int] = ...) -> None: ...
+    measure_method: str
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., copies: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_unix_ms: _Optional[int] = ..., load_ms: _Optional[int] = ..., last_decision: _Optional[str] = ..., last_decision_unix_ms: _Optional[int] = ..., measure_method: _Optional[str] = ...) -> None: ...

@@ -5,6 +5,7 @@ messages (mesh.pb.inference must not be imported in the test process)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -71,9 +72,22 @@ class Router:
 
 @pytest.fixture
 async def router(etcd_endpoint: str, mesh_root: str) -> AsyncIterator[Router]:
+    async with serve_router(etcd_endpoint, mesh_root) as r:
+        yield r
+
+
+@pytest.fixture
+def router_with(etcd_endpoint: str, mesh_root: str) -> Callable[..., contextlib.AbstractAsyncContextManager[Router]]:
+    """`async with router_with(attempt_timeout_s=0.3) as r:` a router with settings changed."""
+    return lambda **settings: serve_router(etcd_endpoint, mesh_root, **settings)
+
+
+@contextlib.asynccontextmanager
+async def serve_router(etcd_endpoint: str, mesh_root: str, **overrides: object) -> AsyncIterator[Router]:
     port = procs.free_port()
     common = CommonSettings(etcd_endpoints=etcd_endpoint, root=mesh_root)
-    settings = RouterSettings(listen=f"127.0.0.1:{port}", default_deadline_s=10, file_roots="")
+    settings = RouterSettings(listen=f"127.0.0.1:{port}", default_deadline_s=10, file_roots="",
+                              **overrides)  # type: ignore[arg-type]
     metrics = Metrics(service="router")
     stop = asyncio.Event()
     task = asyncio.create_task(serve(common, settings, stop, metrics))
@@ -147,12 +161,14 @@ class FakePlacement(internal_pb2_grpc.PlacementServicer):
         self.pod = pod
         self.code = code
         self.calls: list[str] = []
+        self.excluded: list[list[str]] = []  # exclude_instances of each call
         self.release = asyncio.Event()
         self.server: grpc.aio.Server | None = None
 
     async def EnsureLoaded(self, request: internal_pb2.EnsureLoadedRequest,
                            context: grpc.aio.ServicerContext) -> internal_pb2.EnsureLoadedResponse:
         self.calls.append(request.model_id)
+        self.excluded.append(list(request.exclude_instances))
         if self.code is not None:
             await context.abort(self.code, f"cannot load '{request.model_id}': no pod has room")
         await self.release.wait()

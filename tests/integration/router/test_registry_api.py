@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from mesh import types
 from mesh.pb.v1 import registry_pb2, types_pb2
-from mesh.types import CopyState
+from mesh.types import CopyState, ModelSpec
 
 from .conftest import Router
 
@@ -51,6 +52,22 @@ async def test_duplicate_is_already_exists(router: Router) -> None:
         await _register(router, _spec("dup", uri="file:///other.onnx"))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "model 'dup' is already registered" in (err.value.details() or "")
+
+
+async def test_retried_registration_of_the_same_spec_is_ok(router: Router, tmp_path) -> None:
+    """A client whose RegisterModel timed out or was answered UNAVAILABLE (the write may have
+    happened) retries it: the identical spec answers OK, not ALREADY_EXISTS."""
+    artifact = tmp_path / "m.onnx"
+    artifact.write_bytes(b"\x08" * 321)
+    spec = _spec("again", uri=artifact.as_uri(), sha256="AB" * 32, labels={"team": "x"})
+    first = await _register(router, spec)
+    second = await _register(router, spec)
+    assert second.spec == first.spec
+    got = await router.registry.GetModel(registry_pb2.GetModelRequest(model_id="again"), timeout=10)
+    assert got.spec == first.spec
+    # The artifact's size is recorded (for placement), inside the mesh only.
+    stored = await router.etcd.get(router.keys.model("again"))
+    assert stored is not None and types.decode(ModelSpec, stored.value).artifact_bytes == 321
 
 
 @pytest.mark.parametrize(

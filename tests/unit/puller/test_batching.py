@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto
 
 from mesh import demo
-from mesh.errors import InvalidArgument
+from mesh.errors import DeadlineExceeded, InvalidArgument
 from mesh.metrics import Metrics
 from puller import batching
 from puller.datatypes import TensorSpec
@@ -296,3 +296,24 @@ async def test_groups_run_oldest_first_and_close_drains_the_queue() -> None:
             await asyncio.sleep(0)
     assert runner.calls == [1, 9, 2]
     assert all(t.done() and not t.exception() for t in [*first, wide, *rest])
+
+
+async def test_a_queued_request_whose_deadline_passed_is_not_run() -> None:
+    runner = GatedRunner()
+    batcher = batching.Batcher(_fake_model(), runner, 8, 0, Metrics(), max_in_flight=1)
+    first = _submit(batcher, 1)
+    await _turns()
+    loop = asyncio.get_running_loop()
+    late = asyncio.ensure_future(batcher.run({"input": _x(2)}, ["output"], deadline=loop.time() + 0.01))
+    (kept,) = _submit(batcher, 3)  # no deadline
+    await asyncio.sleep(0.05)  # the late request's deadline passes while the slot is busy
+    runner.release()
+    await _turns()
+    assert runner.calls == [1, 1]  # the next run took only the request still wanted
+    runner.release()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*first, kept)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    np.testing.assert_array_equal(kept.result()[0], _x(6))
+    assert batcher.queued == 0 and batcher.in_flight == 0

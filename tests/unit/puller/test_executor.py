@@ -110,3 +110,92 @@ def test_io_binding_setting() -> None:
     assert use_io_binding("Always", cuda=False) and not use_io_binding("never", cuda=True)
     with pytest.raises(MeshError, match="MESH_RUNTIME_IO_BINDING must be auto, never or always"):
         use_io_binding("sometimes", cuda=False)
+
+
+# -- footprints: declared batch, re-measure on larger requests, never a silent file size -------
+
+MiB = 1 << 20
+
+
+def _per_row_model(tmp_path: pathlib.Path) -> str:
+    """~200 bytes building a [batch, 256K] FP32 tensor per run: 1 MiB per row."""
+    from tests.unit.puller.ladder import big_tensor_model
+
+    return str(demo.save(big_tensor_model(256 << 10), tmp_path / "rows.onnx"))
+
+
+async def test_warm_up_runs_at_the_declared_batch(executor: Executor, tmp_path: pathlib.Path) -> None:
+    path = _per_row_model(tmp_path)
+    declared = await executor.load("declared", path, batch=32)
+    plain = await executor.load("plain", path)
+    assert declared.size_bytes >= 32 * MiB > plain.size_bytes
+    assert declared.measured_elements == 32 and plain.measured_elements == 1
+
+
+async def test_a_larger_request_is_remeasured_once_and_reported(executor: Executor, tmp_path: pathlib.Path) -> None:
+    """Regression: a model's figure came from a batch-1 warm-up only; a batch-32 request then
+    held 32x the arena nobody booked."""
+    import asyncio
+    import threading
+
+    calls: list[tuple[str, int, str, int]] = []
+    executor.on_resize = lambda model_id, size, method: calls.append(
+        (model_id, size, method, threading.get_ident()))
+    model = await executor.load("m", _per_row_model(tmp_path))
+    small = model.size_bytes
+    await executor.run(model, {"input": np.ones((1, 1), np.float32)}, ["output"])  # not larger
+    (out,) = await executor.run(model, {"input": np.ones((32, 1), np.float32)}, ["output"])
+    assert out.shape == (32, 1)
+    await asyncio.sleep(0.05)  # call_soon_threadsafe
+    assert model.size_bytes >= small + 31 * MiB and model.measured_elements == 32
+    assert calls == [("m", model.size_bytes, model.measure_method, threading.get_ident())]  # on the loop thread
+    await executor.run(model, {"input": np.ones((32, 1), np.float32)}, ["output"])  # measured already
+    await asyncio.sleep(0.05)
+    assert len(calls) == 1
+
+
+async def test_a_remeasure_waits_for_a_load_measurement(tmp_path: pathlib.Path) -> None:
+    """A larger request while a load is being measured waits for that measurement, then is
+    measured itself: run unmeasured, its arena growth would be kept and never seen again."""
+    import asyncio
+    import threading
+
+    ex = Executor(threads=2, intra_op_threads=1, cuda=False)
+    try:
+        model = await ex.load("m", _per_row_model(tmp_path))
+        before = model.size_bytes
+        ex.footprint._lock.acquire()  # a load being measured
+        threading.Timer(0.3, ex.footprint._lock.release).start()
+        await asyncio.wait_for(ex.run(model, {"input": np.ones((16, 1), np.float32)}, ["output"]), 10)
+        assert model.size_bytes >= before + 15 * MiB and model.measured_elements == 16
+    finally:
+        ex.close()
+
+
+async def test_a_measurement_that_gives_nothing_books_the_file_size_and_says_so(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: on a GPU pod whose PIDs NVML did not match, the file size was booked
+    silently. Now the figure's method is "file-size" and a warning names the method that
+    measured nothing."""
+    from puller.footprint import Footprint, Measured
+
+    class Nothing:
+        def sample(self) -> int:
+            return 0
+
+        def mark_peak(self) -> None:
+            pass
+
+        def measured(self, before: int, after: int, *, new_session: bool) -> Measured:
+            return Measured(0, "nvml-device-delta")
+
+    ex = Executor(1, 1, cuda=False, footprint=Footprint(Nothing()))
+    try:
+        path = demo.save(demo.linear_model(1), tmp_path / "m.onnx")
+        with caplog.at_level("WARNING"):
+            model = await ex.load("m", str(path))
+        assert (model.size_bytes, model.measure_method) == (path.stat().st_size, "file-size")
+        assert "nvml-device-delta measured nothing" in caplog.text
+    finally:
+        ex.close()

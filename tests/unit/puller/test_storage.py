@@ -1,4 +1,5 @@
-"""puller.storage: file:// rules and http(s) against a local http.server on a free port."""
+"""puller.storage: file:// rules and http(s) against a local http.server on a free port; the
+size told before writing (`reserve`) and a full disk (/dev/full: every write is ENOSPC)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from mesh.errors import InvalidArgument, LoadFailed
 from mesh.settings import RuntimeSettings
-from puller.storage import client_for, providers
+from puller.storage import DiskFull, client_for, providers
 from puller.storage.file import FileClient
 from puller.storage.http import HttpClient
 
@@ -95,3 +96,43 @@ def test_scheme_table() -> None:
     assert sorted(table) == ["file", "http", "https"]
     with pytest.raises(InvalidArgument, match="unsupported storage URI scheme 's3'"):
         client_for(table, "s3://bucket/model.onnx")
+
+
+FULL = pathlib.Path("/dev/full")  # writes to it fail with ENOSPC, as on a full disk
+
+
+class Reserved:
+    def __init__(self, refuse: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.refuse = refuse
+
+    async def __call__(self, size: int) -> None:
+        self.sizes.append(size)
+        if self.refuse:
+            raise LoadFailed("no room")
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full")
+async def test_full_disk_is_disk_full_not_a_plain_failure(base_url: str, tmp_path: pathlib.Path) -> None:
+    """F19 regression: ENOSPC came back as LoadFailed("cannot copy artifact ...: No space left
+    on device"), which the cache could not tell from any other failure, so it never evicted."""
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"x" * 5000)
+    reserve = Reserved()
+    with pytest.raises(DiskFull) as info:
+        await FileClient(10**6).pull(src.as_uri(), str(FULL), reserve)
+    assert info.value.size == 5000 and reserve.sizes == [5000]
+    reserve = Reserved()
+    with pytest.raises(DiskFull) as info:
+        await HttpClient(10, 10**6).pull(base_url + "/model.onnx", str(FULL), reserve)
+    assert info.value.size == len(BODY) and reserve.sizes == [len(BODY)]  # the Content-Length
+
+
+async def test_reserve_refusal_stops_before_writing(base_url: str, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"abc")
+    for pull, target in ((FileClient(10**6).pull, tmp_path / "f"), (HttpClient(10, 10**6).pull, tmp_path / "h")):
+        uri = src.as_uri() if target.name == "f" else base_url + "/model.onnx"
+        with pytest.raises(LoadFailed, match="no room"):
+            await pull(uri, str(target), Reserved(refuse=True))
+        assert not target.exists()
