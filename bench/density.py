@@ -1,7 +1,7 @@
 """Density benchmark: many models, pods holding ~10% of their bytes, a seeded Zipf trace.
 
     python bench/density.py [--quick] [--models N] [--requests R] [--alpha A] [--offline-only]
-                            [--defaults] [--dump sizes.json]
+                            [--dump sizes.json]
 
 Generates N ONNX models of mixed sizes (mesh.demo.linear_model, log-uniform weight bytes),
 starts a LocalMesh on 127.0.0.1 with roomy pods, loads every model the trace uses once to
@@ -16,8 +16,8 @@ a gap between the live mesh and its offline replay shows. Models resident at onc
 sampled from the pods' mesh_models_loaded every 250 requests. `--dump` writes the measured
 sizes, load times and pod capacity for `python bench/livesim.py --sizes`.
 
-Placement runs with LIVE_ENV (below) unless `--defaults`: the churn guard off, as in the
-offline replay (docs/PLACEMENT.md, "Why the live mesh trailed its replay").
+Placement runs with its default settings (the eviction churn guard is off by default since
+this benchmark showed what it cost: docs/PLACEMENT.md, "Why the live mesh trailed its replay").
 Bounded: every request has a deadline, the trace has a fixed length.
 """
 
@@ -43,11 +43,6 @@ from bench.trace import belady, mixed_sizes, replay, zipf_trace  # noqa: E402
 from placement.policy import Rules  # noqa: E402
 
 MiB = 1 << 20
-# The placement settings of the live run. The churn guard (MESH_PLACEMENT_MIN_RESIDENCY_S,
-# 30 s by default) ranks every copy loaded in the last 30 s above every other victim; here
-# the whole cache turns over in less than that, so the guard turned GDSF into first-in,
-# first-out and cost ~7 points of hit ratio (bench/livesim.py). The offline replay has no guard.
-LIVE_ENV = {"MESH_PLACEMENT_MIN_RESIDENCY_S": "0"}
 
 
 def offline(trace: list[int], sizes: list[int], load_ms: list[int], capacities: list[int],
@@ -78,7 +73,7 @@ def live(args: argparse.Namespace, trace: list[int], weights: list[int]) -> list
     files = {i: demo.save(demo.linear_model(i, weight_bytes=w), tmp / f"d{i}.onnx") for i, w in enumerate(weights)}
     print(f"generated {len(files)} models in {time.monotonic() - t0:.1f}s ({len(used)} of them in the trace)")
     telemetry = shutil.which("redis-server") is not None  # routers -> Redis -> placement, as deployed
-    env = {} if args.defaults else dict(LIVE_ENV)
+    env: dict[str, str] = {}
     mesh = LocalMesh(state_dir=tmp / "mesh", pods=args.pods, capacity="8GiB", lease_ttl_s=3,
                      redis=telemetry, env=env).start(timeout=90)
     try:
@@ -175,8 +170,7 @@ def live(args: argparse.Namespace, trace: list[int], weights: list[int]) -> list
         print(f"  sizes booked at the end: {sum(sizes) / MiB:.1f} MiB (calibration measured {total / MiB:.1f} MiB)")
         if args.dump:
             args.dump.write_text(json.dumps({"sizes": sizes, "load_ms": load_ms, "per_pod": per_pod}))
-        min_residency = 30.0 if args.defaults else float(LIVE_ENV["MESH_PLACEMENT_MIN_RESIDENCY_S"])
-        as_live = Live(hit_ms=hit_ms, miss_ms=miss_ms, rules=live_rules(min_residency_s=min_residency),
+        as_live = Live(hit_ms=hit_ms, miss_ms=miss_ms, rules=live_rules(min_residency_s=0.0),
                        telemetry=telemetry, book="delta", frequency="book")
         print(f"offline replays with the sizes booked ({args.pods} pods x {per_pod / MiB:.1f} MiB; "
               f"as-live: bench/livesim.py with the live rules and latencies):")
@@ -196,7 +190,6 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.10)
     ap.add_argument("--quick", action="store_true", help="100 models, 1000 requests")
     ap.add_argument("--offline-only", action="store_true", help="skip the live mesh")
-    ap.add_argument("--defaults", action="store_true", help="placement with its default settings, not LIVE_ENV")
     ap.add_argument("--dump", type=pathlib.Path, help="write measured sizes / load times / capacity as JSON")
     args = ap.parse_args()
     if args.quick:

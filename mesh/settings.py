@@ -143,9 +143,13 @@ class PlacementSettings(BaseSettings):
     probation_hits: int = Field(default=1, ge=0)
     """A model used at most this many times is on probation: when it misses, it displaces
     other one-off models before any established one (0 turns probation off)."""
-    min_residency_s: float = Field(default=30.0, ge=0)
-    """Churn guard: a copy loaded less than this long ago is evicted only if nothing else
-    makes room, and extra copies are not dropped before it."""
+    min_residency_s: float = Field(default=0.0, ge=0)
+    """Churn guard for eviction: a copy loaded less than this long ago is evicted only if
+    nothing else makes room (0: off). Off by default: on a Zipf trace over 1,000 models it cost
+    3 to 13 points of hit ratio for any value from 1 to 30 s, and did not stop thrash (a victim
+    that alone makes room is evicted anyway); docs/BENCHMARKS.md "Density"."""
+    copy_guard_s: float = Field(default=30.0, ge=0)
+    """An extra copy (added for load) is not dropped before it has been loaded this long."""
     in_use_s: float = Field(default=60.0, ge=0)
     """A model used this recently counts as in use: probationary models displace it last."""
     copy_rate_per_s: float = Field(default=0.0, ge=0)

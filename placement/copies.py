@@ -13,7 +13,7 @@ Four jobs, at most `settings.max_actions_per_pass` loads or drops per pass (no r
 - with router telemetry, a model whose request rate per copy exceeds `copy_rate_per_s` gets
   another copy on another pod with free room, up to max_copies ("copy_added"); below half
   that rate a copy is dropped, never the last LOADED one, never below min_copies, never one loaded
-  less than `min_residency_s` ago ("copy_dropped").
+  less than `copy_guard_s` ago ("copy_dropped").
 Every action is an intent to the decider (placement/decider.py): one fenced write of the
 assignment and its Decision, planned against the ledger, so actions of one pass never
 double-book a pod even before the view shows the earlier ones.
@@ -142,7 +142,7 @@ class Proactive:
 
     async def _drop(self, model_id: str, why: str) -> int:
         now = self.ctl.clock.unix_ms()
-        guard = int(self.ctl.settings.min_residency_s * 1000)
+        guard = int(self.ctl.settings.copy_guard_s * 1000)
         loaded = []
         for instance_id in self.live_copies(model_id):
             copy = self.state.copies.get(model_id, {}).get(instance_id)

@@ -172,7 +172,8 @@ class Ledger:
                     loaded_unix_ms=copy.updated_unix_ms if copy else assignment.assigned_unix_ms,
                     value=ctl.book.value(model_id) if ctl.last_activity is not None else 0.0,
                     frequency=ctl.frequency(model_id),
-                    pinned=spec is not None and 0 < len(self.live_copies(model_id)) <= spec.min_copies,
+                    pinned=(spec is not None and spec.min_copies > 0  # live_copies scans every pod
+                            and 0 < len(self.live_copies(model_id)) <= spec.min_copies),
                 )
             )
         held = max(0, inst.used_bytes - measured)

@@ -27,7 +27,7 @@ from mesh import errors
 from mesh.errors import Kind, MeshError, Unavailable
 from mesh.metrics import Metrics
 from mesh.rpc.server import ChannelPool
-from mesh.rpc.status import pushback_of
+from mesh.rpc.status import answered, pushback_of
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
 from router import modelid, policy, v2
@@ -169,7 +169,11 @@ class Forwarder:
                     # (grpc/grpc#41785). The pod went away: retried elsewhere like UNAVAILABLE.
                     code = grpc.StatusCode.UNAVAILABLE
                 cut = code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < budget
-                if code == grpc.StatusCode.UNAVAILABLE or (
+                if answered(exc.trailing_metadata()):
+                    # The pod itself said UNAVAILABLE (e.g. the copy just left it): alive, so
+                    # not a reason to eject it; the request still goes to another copy.
+                    self.ejector.success(address)
+                elif code == grpc.StatusCode.UNAVAILABLE or (
                     code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout >= self.settings.attempt_timeout_s
                 ):
                     self._failed(address, started)  # unreachable, or no answer in a whole attempt timeout

@@ -43,11 +43,22 @@ def code_of(exc: BaseException) -> grpc.StatusCode:
     return CODES[exc.kind] if isinstance(exc, MeshError) else grpc.StatusCode.INTERNAL
 
 
+ANSWERED_KEY = "mesh-error"  # set on every status our own code answers with (its kind)
+
+
 def trailing_of(exc: MeshError) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata a MeshError's status carries: the retry hint of a shed."""
+    """Trailing metadata a MeshError's status carries: its kind (so a router tells a pod that
+    answered UNAVAILABLE, e.g. "not loaded on this pod", from one it could not reach) and the
+    retry hint of a shed."""
+    out = ((ANSWERED_KEY, exc.kind.value.lower()),)
     if isinstance(exc, Overloaded):
-        return ((PUSHBACK_KEY, str(exc.retry_after_ms)),)
-    return ()
+        out += ((PUSHBACK_KEY, str(exc.retry_after_ms)),)
+    return out
+
+
+def answered(metadata: Any) -> bool:
+    """Whether a failed call's trailing metadata says our own server code answered it."""
+    return any(k == ANSWERED_KEY for k, _ in metadata or ())
 
 
 def pushback_of(metadata: Any) -> tuple[tuple[str, str], ...]:

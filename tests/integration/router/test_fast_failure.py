@@ -102,3 +102,36 @@ async def test_miss_without_a_leader_fails_fast_unavailable(router_with) -> None
             await router.infer("orphan", deadline_s=30)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "MESH_ROUTER_LEADER_WAIT_S" in (err.value.details() or "")
+
+
+class CopyGonePod(FakePod):
+    """Answers ModelInfer UNAVAILABLE the way a real pod's status mapping does when the copy
+    has just left it ("not loaded on this pod"): with the mesh-error trailing marker."""
+
+    async def _infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls.append((pb.ModelInferRequest.FromString(request).model_name, {}))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "model m is not loaded on this pod",
+                            trailing_metadata=(("mesh-error", "unavailable"),))
+        raise AssertionError("unreachable")
+
+
+async def test_a_pod_answering_unavailable_itself_is_not_ejected(router_with, pods) -> None:
+    """Regression (fault suite F19): a pod's own UNAVAILABLE ("not loaded on this pod", after an
+    eviction) counted as unreachable, so the live pod was ejected and a model it was then asked
+    to load never got a request. Such answers are retried elsewhere, but eject nothing."""
+    gone = await CopyGonePod("pod-gone").start()
+    good = await pods("pod-good")
+    try:
+        async with router_with(eject_after_failures=2, ejection_s=60) as router:
+            await _register(router, "m")
+            await router.add_copy("m", "pod-gone", gone.address)
+            await router.add_copy("m", "pod-good", good.address)
+            await _wait_copies(router, "m", 2)
+            for _ in range(200):  # until random picks have sent it 3 (bounded)
+                assert (await router.infer("m", deadline_s=5)).id == "pod-good"
+                if len(gone.calls) >= 3:
+                    break
+            assert len(gone.calls) >= 3
+            assert router.sample("mesh_router_ejections_total") == 0
+    finally:
+        await gone.stop()

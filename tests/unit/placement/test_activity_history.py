@@ -35,8 +35,9 @@ class FakePipe:
     def hgetall(self, key: str) -> None:
         self.calls.append(("hgetall", key))
 
-    def zrange(self, key: str, start: int, end: int, withscores: bool = False) -> None:
+    def zrangebyscore(self, key: str, low: object, high: object, withscores: bool = False) -> None:
         self.calls.append(("zrange", key))
+        self.low = float(low) if low != "-inf" else float("-inf")
 
     async def execute(self) -> list[object]:
         out: list[object] = []
@@ -44,7 +45,7 @@ class FakePipe:
             if op == "hgetall":
                 out.append({m.encode(): str(n).encode() for m, n in self.redis.hashes.get(key, {}).items()})
             else:
-                out.append([(m.encode(), float(t)) for m, t in self.redis.last.items()])
+                out.append([(m.encode(), float(t)) for m, t in self.redis.last.items() if t >= self.low])
         return out
 
     async def reset(self) -> None:
@@ -85,6 +86,16 @@ async def test_reader_reports_new_requests_per_bucket() -> None:
     redis.use("a", T0 + 40_000)
     snap = await reader.snapshot(T0 + 40_000)
     assert snap is not None and (snap["a"].requests, snap["a"].new_requests) == (1, 1)
+    # Last uses are read incrementally (only scores that moved); an older one is still known.
+    redis.use("b", T0 + 41_000)
+    redis.last["a"] = T0 + 40_000
+    snap = await reader.snapshot(T0 + 41_000)
+    assert snap is not None and snap["a"].last_used_ms == T0 + 40_000 and snap["b"].last_used_ms == T0 + 41_000
+    redis.use("c", T0 + 300_000)
+    await reader.snapshot(T0 + 300_000)
+    redis.last.pop("a")  # not read again (older than the newest less LATE_MS), still remembered
+    snap = await reader.snapshot(T0 + 300_001)
+    assert snap is not None and snap["a"].last_used_ms == T0 + 40_000
 
 
 class Source:

@@ -73,7 +73,7 @@ class Mesh:
         self.clock = FakeClock()
         self.activity = FakeActivity()
         defaults: dict[str, object] = {"load_timeout_s": 5.0, "copy_rate_per_s": 1.0, "max_copies": 3,
-                                       "min_residency_s": 30.0, "replace_window_s": 300.0,
+                                       "min_residency_s": 30.0, "copy_guard_s": 30.0, "replace_window_s": 300.0,
                                        "max_actions_per_pass": 8}
         self.ctl = Controller(self.world.state, self.world.leader, PlacementSettings(**{**defaults, **settings}),
                               Metrics(), FakeUsage(), clock=self.clock, activity=self.activity)
