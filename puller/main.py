@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import signal
 import socket
-from collections.abc import Awaitable
 
 from mesh import metrics as metrics_mod
 from mesh import process
@@ -23,6 +21,7 @@ from mesh.clock import Clock, SystemClock
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.metrics import Metrics
+from mesh.rpc.server import install_stop_signals
 from mesh.settings import CommonSettings, RuntimeSettings
 from puller import footprint, gpu
 from puller.agent import Agent, Identity
@@ -95,19 +94,19 @@ async def serve(
         if not stop.is_set():
             # New connections (Kubernetes' probe, new routers) see NOT_SERVING; requests on
             # the models held are still served until placement has moved them.
-            await _step("health NOT_SERVING", server.set_serving(False))
+            await process.shutdown_step("health NOT_SERVING", server.set_serving(False))
             await agent.drain(settings.drain_timeout_s, stop)
     finally:
         ready.clear()
         log.info("runtime %s stopping", identity.instance_id)
-        await _step("health NOT_SERVING", server.set_serving(False))
+        await process.shutdown_step("health NOT_SERVING", server.set_serving(False))
         # The lease first: the pod's copies leave every route table at once, so no new
         # request is routed here while in-flight ones finish within the server's grace.
-        await _step("agent stop and lease revoke", agent.stop(), STEP_S * 3)
-        await _step("gRPC server stop", server.stop(GRACE_S), GRACE_S + STEP_S)
+        await process.shutdown_step("agent stop and lease revoke", agent.stop(), STEP_S * 3)
+        await process.shutdown_step("gRPC server stop", server.stop(GRACE_S), GRACE_S + STEP_S)
         agent.release()
-        await _step("artifact cache close", cache.close())
-        await _step("etcd client close", client.close())
+        await process.shutdown_step("artifact cache close", cache.close())
+        await process.shutdown_step("etcd client close", client.close())
         executor.close()
         log.info("runtime %s stopped", identity.instance_id)
 
@@ -121,43 +120,11 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-async def _step(what: str, aw: Awaitable[object], timeout_s: float = STEP_S) -> None:
-    """One shutdown step, bounded; a failure is logged and the shutdown goes on."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            await aw
-    except TimeoutError:
-        log.error("shutdown: %s took longer than %.0fs; going on", what, timeout_s)
-    except Exception:
-        log.exception("shutdown: %s failed; going on", what)
-
-
-def install_drain_signals(stop: asyncio.Event, drain: asyncio.Event) -> None:
-    """SIGTERM drains, SIGINT stops at once; a second signal of either kind stops at once.
-    Replaces the handlers mesh.process installed (which only stop)."""
-    loop = asyncio.get_running_loop()
-
-    def on_term() -> None:
-        if drain.is_set() or stop.is_set():
-            log.warning("second signal: stopping at once")
-            stop.set()
-        else:
-            log.info("SIGTERM: draining (a second signal stops at once)")
-            drain.set()
-
-    def on_int() -> None:
-        log.info("SIGINT: stopping at once")
-        stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_int)
-
-
 async def _serve_draining(
     common: CommonSettings, settings: RuntimeSettings, stop: asyncio.Event, metrics: Metrics
 ) -> None:
     drain = asyncio.Event()
-    install_drain_signals(stop, drain)
+    install_stop_signals(stop, drain)  # SIGTERM drains, a second signal stops at once
     await serve(common, settings, stop, metrics, drain=drain)
 
 

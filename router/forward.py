@@ -226,7 +226,14 @@ class Forwarder:
             call = self.pool.get(address).unary_unary(INFER_METHOD)
             self._calls[address] = call
         with self.table.track(address):
-            return await call(request, timeout=timeout, metadata=metadata)
+            pending = call(request, timeout=timeout, metadata=metadata)
+            try:
+                return await pending
+            except asyncio.CancelledError:
+                # The caller gave up: cancel the forwarded call explicitly; grpcio >= 1.83 never
+                # collects an abandoned aio call (grpc/grpc#43462).
+                pending.cancel()
+                raise
 
     async def _await_sync(self, deadline: float) -> None:
         try:
