@@ -51,6 +51,16 @@ def run(
     asyncio.run(main())
 
 
+async def first_set(*events: asyncio.Event) -> None:
+    """Returns once any of `events` is set (e.g. stop or drain)."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 async def shutdown_step(what: str, aw: Awaitable[object], timeout_s: float = STEP_S) -> bool:
     """One step of a shutdown, bounded by `timeout_s`; a failure or a timeout is logged (with
     what it was) and the shutdown goes on with its next step. True when the step succeeded.

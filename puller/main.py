@@ -90,7 +90,7 @@ async def serve(
         ready.set()
         await server.set_serving(True)  # registered in etcd: routers may send work
         log.info("runtime %s serving on %s (%s, capacity %d bytes)", identity.instance_id, address, device, capacity)
-        await _first(stop, drain)
+        await process.first_set(stop, drain)
         if not stop.is_set():
             # New connections (Kubernetes' probe, new routers) see NOT_SERVING; requests on
             # the models held are still served until placement has moved them.
@@ -109,15 +109,6 @@ async def serve(
         await process.shutdown_step("etcd client close", client.close())
         executor.close()
         log.info("runtime %s stopped", identity.instance_id)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def _serve_draining(

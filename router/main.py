@@ -99,7 +99,7 @@ async def serve(
         metrics_mod.serve(metrics, host, settings.metrics_port)
         log.info("router listening on %s (port %d), mesh root %s", settings.listen, port, keys.root)
         supervisor.start("health", lambda: _serving_once_synced(view, server, drain, stop))
-        await _first(stop, drain)
+        await process.first_set(stop, drain)
         if not stop.is_set():
             await _drain(server, settings, stop)
     finally:
@@ -142,15 +142,6 @@ async def _drain(server: StatusServer, settings: RouterSettings, stop: asyncio.E
     drained = await shutdown_step("gRPC server stop within the drain grace", stopping, STEP_S)
     if drained and not stop.is_set():
         log.info("router drained in %.1fs", time.monotonic() - started)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def _serving_once_synced(view: View, server: StatusServer, *stopping: asyncio.Event) -> None:
