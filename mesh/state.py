@@ -22,6 +22,8 @@ from mesh.types import (
     LeaderRecord,
     ModelSpec,
     ModelStats,
+    TenantSpec,
+    TokenRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class MeshState:
         self.stats: dict[str, ModelStats] = {}
         self.decisions: dict[str, Decision] = {}
         self.leader: LeaderRecord | None = None
+        self.tokens: dict[str, TokenRecord] = {}  # sha256 hex of the token -> record
+        self.tenants: dict[str, TenantSpec] = {}  # tenant -> quotas
         self.revs: dict[str, int] = {}  # mod_revision of each assignment and copy key
         self._hooks: list[Callable[[str, tuple[str, ...]], None]] = []
         view.subscribe(self._on_events)
@@ -101,6 +105,10 @@ class MeshState:
             _set(self.stats, ids[0], value, ModelStats)
         elif section == k.DECISIONS and len(ids) == 1:
             _set(self.decisions, ids[0], value, Decision)
+        elif section == k.TOKENS and len(ids) == 1:
+            _set(self.tokens, ids[0], value, TokenRecord)
+        elif section == k.TENANTS and len(ids) == 1:
+            _set(self.tenants, ids[0], value, TenantSpec)
         elif section == k.LEADER:
             self.leader = None if value is None else types.decode(LeaderRecord, value)
 

@@ -120,6 +120,36 @@ class Decision:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    """An API token (key: tokens/<sha256 hex of the token>); the token itself is never stored.
+
+    scope "tenant": the tenant's own models; scope "admin": mesh-wide operations (tenant may
+    be empty). Two records of one tenant can be valid at once (rotation without downtime).
+    """
+
+    tenant: str
+    scope: str = "tenant"
+    name: str = ""  # operator's label, for listing and revoking
+    created_unix_ms: int = 0
+    expires_unix_ms: int = 0  # 0: never
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantSpec:
+    """A tenant's quotas (key: tenants/<tenant>); a tenant without one gets the settings' defaults.
+
+    0 means "no limit" for every field.
+    """
+
+    tenant: str
+    max_models: int = 0  # registered models
+    memory_reserved_bytes: int = 0  # resident bytes another tenant's load never evicts below
+    memory_cap_bytes: int = 0  # resident bytes the tenant's copies may hold at most
+    max_requests_per_s: float = 0.0  # per router
+    max_in_flight: int = 0  # per router
+
+
+@dataclasses.dataclass(frozen=True)
 class LeaderRecord:
     """The placement leader (key: leader/placement, attached to the leader's lease)."""
 

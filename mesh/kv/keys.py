@@ -7,6 +7,8 @@
     <root>/stats/<model_id>                    ModelStats       runtime pod
     <root>/decisions/<model_id>                Decision         placement leader, fenced
     <root>/leader/placement                    LeaderRecord     placement, leased
+    <root>/tokens/<sha256 of token>            TokenRecord      admin (mesh token ...)
+    <root>/tenants/<tenant>                    TenantSpec       admin (mesh tenant ...)
 
 Model and instance ids never contain '/', so a key splits unambiguously.
 """
@@ -22,6 +24,8 @@ COPIES = "copies"
 STATS = "stats"
 LEADER = "leader"
 DECISIONS = "decisions"
+TOKENS = "tokens"
+TENANTS = "tenants"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,12 @@ class Keys:
 
     def decision(self, model_id: str) -> str:
         return f"{self.root}/{DECISIONS}/{model_id}"
+
+    def token(self, token_sha256: str) -> str:
+        return f"{self.root}/{TOKENS}/{token_sha256}"
+
+    def tenant(self, tenant: str) -> str:
+        return f"{self.root}/{TENANTS}/{tenant}"
 
     def leader(self) -> str:
         return f"{self.root}/{LEADER}/placement"
