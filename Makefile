@@ -1,5 +1,6 @@
 .DEFAULT_GOAL := help
 VENV := .venv/bin
+.PHONY: help up test unit proto lint clean  # targets, not files: the `proto` folder would make `make proto` a no-op
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

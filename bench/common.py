@@ -191,7 +191,7 @@ def ratios(a: list[Result], b: list[Result], attr: str = "rps") -> list[float]:
 
 def start_mesh(folder: pathlib.Path, env: dict[str, str] | None = None) -> LocalMesh:
     """etcd + placement + one runtime pod + router, on free ports."""
-    mesh = LocalMesh(state_dir=folder, pods=1, capacity="256MiB", env=env or {})
+    mesh = LocalMesh(state_dir=folder, pods=1, capacity="256MiB", env=env or {}, allow_anonymous=True)
     return mesh.start(timeout=90)
 
 

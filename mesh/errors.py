@@ -7,6 +7,7 @@ Messages are meant for users: say what was wrong and what to do, never leak inte
 from __future__ import annotations
 
 import enum
+import re
 
 
 class Kind(enum.Enum):
@@ -19,6 +20,8 @@ class Kind(enum.Enum):
     ABORTED = "ABORTED"  # lost a compare-and-swap
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no, unknown, expired or revoked credentials
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # known caller, scope too narrow for the operation
     INTERNAL = "INTERNAL"
 
 
@@ -87,5 +90,40 @@ class DeadlineExceeded(MeshError):
     kind = Kind.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(MeshError):
+    kind = Kind.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    kind = Kind.PERMISSION_DENIED
+
+
+MAX_QUOTED = 64  # characters of a client-supplied id an error echoes (then "…")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def quote_id(value: object, limit: int = MAX_QUOTED) -> str:
+    """A client-supplied id (model, input, tenant, ...) as an error message may echo it:
+    quoted, control characters escaped, at most `limit` characters then "…". Every message
+    naming an id the caller sent goes through this, so a 200,000-character id never turns
+    into a 200 kB status (which trips the client's metadata limit instead of telling it what
+    was wrong) and a newline in an id cannot forge a log or message line."""
+    text = value if isinstance(value, str) else str(value)
+    cut = text[:limit]
+    cut = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", cut)
+    return f"'{cut}…'" if len(text) > limit else f"'{cut}'"
+
+
+# An absolute path on its own (not the path part of a URI: "file:///x" and "http://h/x" keep
+# theirs, since the caller wrote them): "/tmp/x/cache/objects/ab" in an onnxruntime or OS error.
+_PATH = re.compile(r"(?<![\w:/.~%-])/(?:[^\s'\"`,;:()\[\]{}<>]+)")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with every bare absolute filesystem path replaced by "<path>": what the mesh
+    tells a caller (statuses, last_error) never reveals its cache, state or code layout."""
+    return _PATH.sub("<path>", text) if "/" in text else text
+
+
 def model_not_found(model_id: str) -> NotFound:
-    return NotFound(f"model '{model_id}' is not registered; register it with `mesh register`")
+    return NotFound(f"model {quote_id(model_id)} is not registered; register it with `mesh register`")

@@ -133,7 +133,9 @@ class Metrics:
             "pod_queue (RESOURCE_EXHAUSTED, a runtime pod's queue full), rpc_limit "
             "(RESOURCE_EXHAUSTED, max concurrent RPCs), pod_cap (RESOURCE_EXHAUSTED at a router: every "
             "ready copy at MESH_ROUTER_MAX_IN_FLIGHT_PER_POD), deadline (DEADLINE_EXCEEDED: expired, or "
-            "the queue would outlast it).", ["service", "reason"], registry=r,
+            "the queue would outlast it), tenant_rate / tenant_in_flight (RESOURCE_EXHAUSTED at a router: "
+            "the caller's tenant over its request-rate or in-flight quota; no tenant label).",
+            ["service", "reason"], registry=r,
         )
         self.routes = Gauge(
             "mesh_router_ready_models", "Models with at least one ready copy in the route table.",
@@ -142,6 +144,19 @@ class Metrics:
         self.asyncio_tasks = Gauge(
             "mesh_asyncio_tasks", "asyncio tasks alive in this process's event loop (leak checks: "
             "flat under steady load).", registry=r,
+        )
+        self.sandbox_runs = Counter(
+            "mesh_sandbox_runs_total", "First loads of an artifact vetted in a throw-away child process "
+            "(puller/sandbox.py), by verdict: ok, refused (meshserve's graph checks), error (onnxruntime "
+            "refused it), crashed, out_of_memory, timed_out.", ["verdict"], registry=r,
+        )
+        self.sandbox_verdict_hits = Counter(
+            "mesh_sandbox_verdict_cache_hits_total", "Loads decided by a cached sandbox verdict (same "
+            "sha256 vetted before, in memory or on disk): no child started.", registry=r,
+        )
+        self.sandbox_seconds = Histogram(
+            "mesh_sandbox_seconds", "Time of a sandbox child: fork, checks, session creation, warm-up.",
+            buckets=_LATENCY, registry=r,
         )
 
 

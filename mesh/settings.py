@@ -6,7 +6,7 @@ time. Every field's docstring is its documentation (docs/OPERATIONS.md lists the
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh.units import parse_bytes
@@ -41,6 +41,24 @@ class CommonSettings(BaseSettings):
     """Width of the request-count time buckets in Redis (routers and placement must agree)."""
     telemetry_retention_s: int = Field(default=600, ge=10)
     """How long request-count buckets live in Redis (EXPIRE)."""
+
+    internal_tls_ca: str = ""
+    """PEM CA bundle of the internal CA. Set with internal_tls_cert and internal_tls_key, it
+    turns on mutual TLS between routers, placement and runtime pods: every internal server
+    (placement, pods) requires a client certificate this CA signed and refuses plaintext, and
+    every internal client (router, placement) checks the server's certificate against it and
+    presents its own. Empty (the default, `mesh up`): plaintext. Every process of a mesh must
+    agree. Rotated files are picked up without a restart (docs/SECURITY.md "TLS and mTLS")."""
+    internal_tls_cert: str = ""
+    """PEM certificate (chain) of this process for internal mutual TLS, used as its server
+    certificate and as its client certificate; it needs serverAuth and clientAuth usages."""
+    internal_tls_key: str = ""
+    """PEM private key of internal_tls_cert."""
+    internal_tls_server_name: str = ""
+    """Name internal clients check internal servers' certificates against, instead of the host
+    of the address a pod or placement replica advertises (an IP in Kubernetes): every internal
+    server certificate then carries it as a DNS SAN. Empty: the address host is checked (the
+    certificate needs that IP or DNS name as a SAN)."""
 
     def endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd_endpoints.split(",") if e.strip()]
@@ -92,7 +110,23 @@ class RouterSettings(BaseSettings):
     allowed_schemes: str = "file,http,https"
     """Comma-separated storage-URI schemes accepted at registration."""
     file_roots: str = ""
-    """Comma-separated folders file:// URIs must lie under; empty accepts any absolute path."""
+    """Comma-separated absolute folders file:// URIs must lie under (canonical paths compared;
+    a symlink out of them is refused); empty refuses file:// altogether. `/` and system folders
+    (/proc, /sys, /dev, /etc, ...) are refused as roots. Set the same folders on the pods
+    (MESH_RUNTIME_FILE_ROOTS), which re-check when they open the file."""
+    allowed_networks: str = ""
+    """Comma-separated CIDRs (or addresses) http(s) storage URIs may point at although they are
+    loopback, private, link-local or otherwise non-public (e.g. an in-cluster object store,
+    10.0.0.0/8). Everything non-public is refused at registration otherwise; set the same on
+    the pods (MESH_RUNTIME_ALLOWED_NETWORKS), which check every address they connect to."""
+    allowed_hosts: str = ""
+    """Comma-separated host names (exact, or *.suffix) whose http(s) URIs may resolve to
+    private or loopback addresses (never to metadata, unspecified or multicast ones)."""
+    tenant_storage_prefixes: str = ""
+    """JSON object tenant -> list of URI prefixes its registrations must start with (scheme,
+    host or bucket, then path on segment boundaries), e.g.
+    {"team-a": ["https://models.example.com/team-a/"], "*": []}; "*" applies to tenants not
+    listed, "" is the default tenant. Empty: no per-tenant restriction."""
     telemetry_flush_s: float = Field(default=1.0, gt=0, le=60)
     """How often this router flushes its batched usage counts to Redis (MESH_REDIS_URL)."""
     drain_settle_s: float = Field(default=5.0, ge=0, le=300)
@@ -104,11 +138,91 @@ class RouterSettings(BaseSettings):
     may take to finish before they are cancelled. Settle + grace should stay below the pod's
     terminationGracePeriodSeconds (30 s in the chart)."""
 
+    allow_anonymous: bool = False
+    """Let callers that send no credentials (no token, no client certificate) in as the default
+    tenant, for local development and clients that cannot add headers; logged as a WARNING at
+    start-up. A call that sends a bad token is still refused."""
+    admin_token_sha256: str = ""
+    """Comma-separated sha256 hex digests of bootstrap admin tokens, accepted beside the tokens
+    in etcd (`mesh token create`); from a Secret in Kubernetes. `mesh token generate` prints a
+    new token with its digest."""
+    cert_admins: str = ""
+    """Comma-separated client-certificate identities (a CN, or a URI SAN such as
+    meshserve://admin/ops) that get the admin scope; needs server TLS requiring client
+    certificates."""
+    cert_tenant_uri_prefix: str = "meshserve://tenant/"
+    """A verified client certificate's URI SAN starting with this names the caller's tenant
+    (the rest of it); a certificate without one names it by its CN. Empty: CN only."""
+
+    tls_cert: str = ""
+    """PEM certificate (chain) of the router's public port; set with tls_key, clients must
+    connect with TLS (plaintext is refused). Empty: plaintext. Rotated files are picked up on
+    the next handshake, without a restart."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_client_ca: str = ""
+    """PEM CA bundle client certificates on the public port are verified against (needs
+    tls_client_auth=require)."""
+    tls_client_auth: str = "none"
+    """Client certificates on the public port. none: not asked for (clients authenticate
+    with tokens); require: mutual TLS, a client without a certificate signed by tls_client_ca
+    is refused in the handshake, and the certificate identifies the caller. (grpc's Python
+    TLS offers no "request but do not require" mode.)"""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Plaintext port on the listen host serving only grpc.health.v1, for Kubernetes grpc
+    probes (which cannot speak TLS) when the main port uses TLS; 0: off (health is on the main
+    port as well either way)."""
+
+    @field_validator("admin_token_sha256")
+    @classmethod
+    def _admin_digests(cls, value: str) -> str:
+        for item in (s.strip().lower() for s in value.split(",")):
+            if item and (len(item) != 64 or any(c not in "0123456789abcdef" for c in item)):
+                raise ValueError("MESH_ROUTER_ADMIN_TOKEN_SHA256 takes sha256 hex digests of tokens (64 hex "
+                                 "digits each, comma-separated), not the tokens: see `mesh token generate`")
+        return value
+
+    @field_validator("tls_client_auth")
+    @classmethod
+    def _client_auth(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "request":
+            raise ValueError("MESH_ROUTER_TLS_CLIENT_AUTH=request is not supported (grpc's Python TLS can "
+                             "only require client certificates or not ask for them): use none or require")
+        if value not in ("none", "require"):
+            raise ValueError("MESH_ROUTER_TLS_CLIENT_AUTH must be none or require")
+        return value
+
+    tenant_max_models: int = Field(default=0, ge=0)
+    """Models a tenant without its own quotas (`mesh tenant set`) may have registered; beyond
+    it RegisterModel answers RESOURCE_EXHAUSTED. 0: no limit."""
+    tenant_max_requests_per_s: float = Field(default=0.0, ge=0)
+    """Inference requests per second (ModelInfer calls and ModelStreamInfer messages) a tenant
+    without its own quotas may send to this router (a token bucket holding one second's worth);
+    beyond it RESOURCE_EXHAUSTED with grpc-retry-pushback-ms. 0: no limit."""
+    tenant_max_in_flight: int = Field(default=0, ge=0)
+    """Inference requests a tenant without its own quotas may have in progress in this router;
+    beyond it RESOURCE_EXHAUSTED with a retry hint. 0: no limit."""
+
     def schemes(self) -> set[str]:
         return {s.strip().lower() for s in self.allowed_schemes.split(",") if s.strip()}
 
     def roots(self) -> list[str]:
         return [r.strip() for r in self.file_roots.split(",") if r.strip()]
+
+    @field_validator("file_roots", "allowed_networks", "tenant_storage_prefixes")
+    @classmethod
+    def _storage_policy(cls, value: str, info: ValidationInfo) -> str:
+        from mesh import uripolicy
+
+        name = f"MESH_ROUTER_{(info.field_name or '').upper()}"
+        if info.field_name == "file_roots":
+            uripolicy.FileRoots.parse(value, name)
+        elif info.field_name == "allowed_networks":
+            uripolicy.Egress.parse(value, "", name)
+        else:
+            uripolicy.TenantPrefixes.parse(value, name)
+        return value
 
 
 class PlacementSettings(BaseSettings):
@@ -122,6 +236,9 @@ class PlacementSettings(BaseSettings):
     """Address routers use to reach this replica; defaults to `listen`."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Prometheus metrics port; 0 turns the endpoint off."""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Plaintext port on the listen host serving only grpc.health.v1, for Kubernetes grpc
+    probes (which cannot speak TLS) when internal mutual TLS is on; 0: off."""
     load_timeout_s: float = Field(default=120.0, gt=0)
     """How long one copy may stay LOADING before placement gives up on it."""
     default_model_bytes: int = Field(default=64 * 1024**2, ge=1)
@@ -195,6 +312,9 @@ class RuntimeSettings(BaseSettings):
     """Unique pod id (e.g. the pod name); defaults to host-port."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Prometheus metrics port; 0 turns the endpoint off."""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Plaintext port on the listen host serving only grpc.health.v1, for Kubernetes grpc
+    probes (which cannot speak TLS) when internal mutual TLS is on; 0: off."""
     capacity: int = 2 * 1024**3
     """Model memory this pod offers (e.g. 2GiB). On a GPU pod: device total minus `reserve`."""
     reserve: int = 0
@@ -233,6 +353,61 @@ class RuntimeSettings(BaseSettings):
     unload_timeout_s: float = Field(default=10.0, gt=0, le=600)
     """Longest an unload waits for the model's in-flight requests to finish before it lets
     the session go (loads waiting for its memory wait that long at most)."""
+    sandbox: str = Field(default="on", pattern="^(on|off)$")
+    """on: the first load of each artifact (per sha256) runs in a throw-away child process
+    with memory and time limits, so a model that crashes onnxruntime or allocates without
+    bound is FAILED and the pod serves on; the verdict is cached. off: loads run only in the
+    pod (meshserve's graph checks still run there first)."""
+    sandbox_memory_bytes: int = 0
+    """Memory a first load in the sandbox may add (RLIMIT_AS over the child's start-up size,
+    CPU pods), also the most bytes a model's tensors may declare; 0: the pod's capacity or
+    4GiB, whichever is smaller."""
+    sandbox_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    """Wall-clock limit of a first load in the sandbox (session creation and warm-up); its
+    CPU time limit is this times the session's threads plus one."""
+    sandbox_verdict_dir: str = ""
+    """Where sandbox verdicts are kept across restarts (files of mode 0600, one per sha256);
+    empty: `verdicts` under cache_dir. Delete the files to vet every artifact again."""
+
+    @field_validator("sandbox_memory_bytes", mode="before")
+    @classmethod
+    def _sandbox_size(cls, value: object) -> int:
+        return parse_bytes(value if isinstance(value, (int, str)) else str(value))
+
+    file_roots: str = ""
+    """Comma-separated absolute folders this pod reads file:// artifacts from; empty refuses
+    file:// (the router's MESH_ROUTER_FILE_ROOTS should name the same folders). The file is
+    opened by walking from the root folder with O_NOFOLLOW on every component, so a symlink
+    (or a folder swapped for one after registration) is refused."""
+    allow_hard_links: bool = False
+    """Accept file:// artifacts with more than one hard link (off: a second link may be a
+    copy of a file outside the roots, which containment checks cannot see)."""
+    allowed_networks: str = ""
+    """Comma-separated CIDRs (or addresses) http(s) downloads may connect to although they are
+    non-public (loopback, private, link-local, ...); see MESH_ROUTER_ALLOWED_NETWORKS."""
+    allowed_hosts: str = ""
+    """Comma-separated host names (exact, or *.suffix) whose downloads may connect to private
+    or loopback addresses (never metadata, unspecified or multicast ones)."""
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    """HTTP redirects one download follows at most (0: none); every hop is checked like the
+    first, credentials are sent to the original origin only, and https never drops to http."""
+    credentials_dir: str = ""
+    """Folder of fetch credentials: a ModelSpec's credentials_ref NAME of tenant T is read from
+    <dir>/T/NAME (<dir>/_default/NAME for the default tenant), a file (JSON {"headers": {...}}
+    or {"token": "..."}, else the whole file is a bearer token) or a mounted Secret folder with
+    keys `token` and/or `headers.json`. Empty: credentials_ref is refused."""
+
+    @field_validator("file_roots", "allowed_networks")
+    @classmethod
+    def _storage_policy(cls, value: str, info: ValidationInfo) -> str:
+        from mesh import uripolicy
+
+        name = f"MESH_RUNTIME_{(info.field_name or '').upper()}"
+        if info.field_name == "file_roots":
+            uripolicy.FileRoots.parse(value, name)
+        else:
+            uripolicy.Egress.parse(value, "", name)
+        return value
 
     @field_validator("capacity", "reserve", "cache_bytes", "max_artifact_bytes", mode="before")
     @classmethod

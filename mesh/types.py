@@ -38,6 +38,8 @@ class ModelSpec:
     max_batch_size: int = 0  # dynamic batching off when 0 or 1
     max_queue_delay_us: int = 0
     artifact_bytes: int = 0  # size of the artifact when known at registration (0: unknown)
+    # Name of the credentials pods fetch storage_uri with (never the credentials themselves).
+    credentials_ref: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,8 @@ class Assignment:
     assigned_unix_ms: int = 0
     max_batch_size: int = 0  # from the ModelSpec: the pod batches when > 1
     max_queue_delay_us: int = 0
+    tenant: str = ""  # the ModelSpec's: whose credentials_ref the pod reads
+    credentials_ref: str = ""  # from the ModelSpec (puller/storage/credentials.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Decision:
 class TokenRecord:
     """An API token (key: tokens/<sha256 hex of the token>); the token itself is never stored.
 
+    scope "infer": calls and reads the tenant's models, never registers or unregisters one;
     scope "tenant": the tenant's own models; scope "admin": mesh-wide operations (tenant may
     be empty). Two records of one tenant can be valid at once (rotation without downtime).
     """

@@ -109,8 +109,10 @@ class Controller:
             log.info("activity telemetry unavailable (%s); using pod-reported recency", exc)
             snap = None
         self.last_activity = snap
-        for model_id, act in sorted((snap or {}).items()):
-            if act.last_used_ms > self._seen_use.get(model_id, 0) and model_id in self.state.models:
+        seen = self._seen_use
+        moved = [(m, act) for m, act in (snap or {}).items() if act.last_used_ms > seen.get(m, 0)]
+        for model_id, act in sorted(moved):  # only those that moved are sorted (10,000 in the fleet run)
+            if model_id in self.state.models:
                 self._seen_use[model_id] = act.last_used_ms
                 stats = self.state.stats.get(model_id)
                 size = self.ledger.size(model_id).bytes
@@ -135,6 +137,7 @@ class Controller:
         return Assignment(
             spec.model_id, instance_id, spec.storage_uri, spec.sha256, predicted, now,
             max_batch_size=spec.max_batch_size, max_queue_delay_us=spec.max_queue_delay_us,
+            tenant=spec.tenant, credentials_ref=spec.credentials_ref,
         )
 
     async def close(self) -> None:
@@ -187,6 +190,7 @@ class Controller:
             target = self._in_progress(model_id, excluded)
             placed = None if target else await self._place(spec, excluded)
             target = placed.instance_id if placed else target
+            assert target is not None  # _place returns a Placed or raises
             try:
                 return await self._wait_ready(model_id, target, excluded, placed)
             except _AttemptFailed as failed:

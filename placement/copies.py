@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 
 from mesh import types
+from mesh.kv import keys as k
 from placement.controller import Controller
 from placement.decider import Place, Unassign
 
@@ -36,6 +37,18 @@ class Proactive:
         self.state = controller.state
         self.ledger = controller.ledger
         self.pending: list[str] = []  # dead pods' models not re-placed yet (budget ran out)
+        # Models registered with min_copies, kept by the change hook: a pass looks at those and
+        # (with copy scaling on) the ones telemetry saw, never at every registered model.
+        self._kept = {m for m, spec in self.state.models.items() if spec.min_copies > 0}
+        self.state.on_change(self._on_change)
+
+    def _on_change(self, section: str, ids: tuple[str, ...]) -> None:
+        if section == k.MODELS and len(ids) == 1:
+            spec = self.state.models.get(ids[0])
+            if spec is not None and spec.min_copies > 0:
+                self._kept.add(ids[0])
+            else:
+                self._kept.discard(ids[0])
 
     def live_copies(self, model_id: str) -> list[str]:
         """Live pods assigned the model, draining ones excluded (their copies are leaving)."""
@@ -76,9 +89,10 @@ class Proactive:
                 self.pending = queue[n:]
                 return done
             done += await self._add(model_id, "replaced", "its pod died and it was used recently", evict=False)
-        for model_id, spec in sorted(self.state.models.items()):
+        for model_id in self._candidates():
             if done >= budget:
                 break
+            spec = self.state.models[model_id]
             have = len(self.live_copies(model_id))
             if have < spec.min_copies:
                 done += await self._add(model_id, "copy_added",
@@ -86,6 +100,14 @@ class Proactive:
                 continue
             done += await self._scale(model_id, spec, have)
         return done
+
+    def _candidates(self) -> list[str]:
+        """The registered models a pass may act on, in id order: those with min_copies, and
+        with copy scaling on the ones router telemetry reports (_scale needs their rate)."""
+        out = set(self._kept)
+        if self.ctl.settings.copy_rate_per_s and self.ctl.last_activity is not None:
+            out.update(self.ctl.last_activity)
+        return sorted(m for m in out if m in self.state.models)
 
     async def drain(self, budget: int) -> int:
         """Moves draining pods' models: returns the copies added (deletions are not counted)."""

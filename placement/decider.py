@@ -31,7 +31,7 @@ from mesh import types
 from mesh.errors import NoCapacity, NotFound, Unavailable, model_not_found
 from mesh.kv.etcd import MAX_TXN_OPS, delete_op, put_op
 from mesh.types import Assignment
-from placement import planner
+from placement import planner, tenancy
 from placement.ledger import Ledger
 from placement.usage import Usage
 
@@ -167,8 +167,11 @@ class Decider:
                          intent.model_id, waiting, exc)
             # Room may come back when a load in flight is measured or fails: wait for a change
             # (re-checking now and then: an own write the view never confirms expires by time).
+            def moved(seen: int = changes) -> bool:
+                return self._changes != seen
+
             with contextlib.suppress(TimeoutError):
-                await self.state.wait_for(lambda c=changes: self._changes != c, ROOM_RECHECK_S)
+                await self.state.wait_for(moved, ROOM_RECHECK_S)
 
     async def add_copy(self, intent: Place) -> str | None:
         """A proactive copy; None when no pod can take it (no waiting)."""
@@ -255,8 +258,17 @@ class Decider:
         if size.is_prior and live and predicted > max(p.capacity_bytes for p in live):
             # A guess larger than any pod would refuse a model that may well fit: book a whole pod.
             predicted = max(p.capacity_bytes for p in live)
-        plan = planner.plan(model_id, predicted, pods, exclude, now_ms=ctl.clock.unix_ms(), rules=ctl.rules,
-                            evict=intent.evict, frequency=ctl.frequency(model_id), size_note=size.how)
+        now_ms, frequency = ctl.clock.unix_ms(), ctl.frequency(model_id)
+        capped = self._cap_victims(spec, predicted, pods, intent, now_ms, frequency)
+        if capped:
+            pods = tenancy.without(pods, capped)
+            live = [p for p in pods if p.instance_id not in exclude]
+        candidates = [p for p in live if not p.holds(model_id)]
+        if intent.evict and intent.usage is None and candidates and all(p.free_bytes < predicted for p in candidates):
+            raise _NeedUsage()  # victims must be chosen: with the pods' answers (and only then built)
+        budgets = tenancy.budgets(self.state.tenants, spec.tenant, self.ledger.tenant_bytes)
+        plan = planner.plan(model_id, predicted, pods, exclude, now_ms=now_ms, rules=ctl.rules,
+                            evict=intent.evict, frequency=frequency, size_note=size.how, budgets=budgets or None)
         if plan.victims and intent.usage is None:
             raise _NeedUsage()
         target = plan.instance_id
@@ -265,12 +277,26 @@ class Decider:
         why = f"{intent.why}; {plan.reason}" if intent.why else plan.reason
         placing = [put_op(self.keys.assignment(target, model_id), raw),
                    ctl.decision_op(model_id, intent.action, target, why)]
+        cap_why = (f"evicted for model '{model_id}': its tenant's memory cap "
+                   f"({tenancy.tenant_label(spec.tenant)}) leaves no room otherwise")
+        elsewhere: dict[str, list[str]] = {}
+        for instance_id, victim in capped:
+            if instance_id != target:
+                elsewhere.setdefault(instance_id, []).append(victim.model_id)
+        for instance_id, victims in sorted(elsewhere.items()):
+            # The tenant's own copies on other pods go first, fenced per pod (evicting early is
+            # safe: it only makes room).
+            await self._write(instance_id, [op for v in victims for op in (
+                delete_op(self.keys.assignment(instance_id, v)), ctl.decision_op(v, "evicted", instance_id, cap_why))],
+                [(instance_id, v, None) for v in victims])
+        on_target = [(v.model_id, cap_why) for i, v in capped if i == target]
+        target_victims = [v for v, _ in on_target] + list(plan.victims)
         evictions = [(v, [delete_op(self.keys.assignment(target, v)), ctl.decision_op(v, "evicted", target, r)])
-                     for v, r in zip(plan.victims, plan.victim_reasons, strict=False)]
+                     for v, r in [*on_target, *zip(plan.victims, plan.victim_reasons, strict=False)]]
         flat = [op for _, pair in evictions for op in pair]
         if len(flat) + len(placing) < MAX_TXN_OPS:
             await self._write(target, flat + placing,
-                              [(target, v, None) for v in plan.victims] + [(target, model_id, assignment)])
+                              [(target, v, None) for v in target_victims] + [(target, model_id, assignment)])
         else:
             # Too many for one transaction: the evictions first, in chunks (evicting early is
             # safe: the room is made before the load is asked for), then the assignment.
@@ -282,11 +308,33 @@ class Decider:
             await self._write(target, placing, [(target, model_id, assignment)])
         if plan.victims:
             ctl.metrics.evictions.labels("capacity").inc(len(plan.victims))
-            for victim in plan.victims:
-                ctl.book.evicted(victim)
-        log.info("%s model %s (%d bytes, %s) on %s, evicting %s (%d bytes): %s", intent.action, model_id,
-                 predicted, size.how, target, list(plan.victims) or "nothing", plan.evicted_bytes, plan.reason)
-        return Placed(target, raw, tuple(plan.victims))
+        if capped:
+            ctl.metrics.evictions.labels("tenant_cap").inc(len(capped))
+        for gone in [v.model_id for _, v in capped] + list(plan.victims):
+            ctl.book.evicted(gone)
+        log.info("%s model %s (%d bytes, %s) on %s, evicting %s (%d bytes)%s: %s", intent.action, model_id,
+                 predicted, size.how, target, list(plan.victims) or "nothing", plan.evicted_bytes,
+                 f" and for its tenant's cap {[(i, v.model_id) for i, v in capped]}" if capped else "", plan.reason)
+        return Placed(target, raw, tuple(target_victims))
+
+    def _cap_victims(self, spec: types.ModelSpec, predicted: int, pods: list[planner.PodView], intent: Place,
+                     now_ms: int, frequency: float) -> list[tuple[str, planner.PodModel]]:
+        """The tenant's own copies to evict so the model fits under its memory cap (tenancy.py)."""
+        tspec = self.state.tenants.get(spec.tenant)
+        cap = tspec.memory_cap_bytes if tspec is not None else 0
+        if not cap:
+            return []
+        resident = self.ledger.tenant_bytes(spec.tenant)
+        if resident + predicted <= cap:
+            return []
+        if not intent.evict:
+            raise tenancy.cap_error(spec.tenant, cap, spec.model_id, predicted,
+                                    f"its copies hold {resident} bytes (an extra copy never evicts)")
+        if intent.usage is None:
+            raise _NeedUsage()
+        probation = frequency <= self.ctl.rules.probation_hits
+        return tenancy.cap_victims(spec.tenant, cap, resident, spec.model_id, predicted, pods, now_ms,
+                                   self.ctl.rules, probation)
 
     async def _unassign(self, intent: Unassign) -> bool:
         by_pod: dict[str, list[tuple[str, str]]] = {}
@@ -311,6 +359,8 @@ class Decider:
         if instance_id not in self.state.instances or not ctl.leader.is_leader:
             return 0
         self.ledger.expire()
+        if self.ledger.measured_use(instance_id) <= self.state.instances[instance_id].capacity_bytes:
+            return 0  # not over (any more): no need to build the pod's models
         pod = self.ledger.pod_view(instance_id, intent.usage)
         loaded = planner.PodView(pod.instance_id, pod.capacity_bytes, tuple(m for m in pod.models if m.loaded),
                                  held_bytes=pod.held_bytes)

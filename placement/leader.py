@@ -91,7 +91,8 @@ class Leader:
                         # etcd may have let the lease expire: wait for its verdict. The timeout
                         # only re-checks the keep-alive task (a crashed one means a new lease).
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(_first(lease.alive.wait(), lease.lost.wait()), self.ttl_s)
+                            async with asyncio.timeout(self.ttl_s):
+                                await _first(lease.alive.wait(), lease.lost.wait())
                         continue
                     await self._campaign_while(lease)
                     backoff = 0.2

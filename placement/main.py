@@ -21,6 +21,7 @@ from mesh.metrics import Metrics
 from mesh.metrics import serve as serve_metrics
 from mesh.pb.v1 import internal_pb2_grpc
 from mesh.process import shutdown_step
+from mesh.rpc import tls
 from mesh.rpc.server import make_server
 from mesh.settings import CommonSettings, PlacementSettings
 from mesh.state import MeshState
@@ -58,8 +59,11 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
     view = View(client, Keys(common.root).prefix())
     state = MeshState(view, Keys(common.root))
     supervisor = Supervisor()
-    usage = GrpcUsage()
-    server, port = make_server(settings.listen, MAX_MESSAGE_BYTES, metrics)
+    # Internal mTLS (MESH_INTERNAL_TLS_*): routers call in with their certificates, and the
+    # calls to pods (usage, direct Load) present this replica's.
+    usage = GrpcUsage(tls=tls.internal_client_tls(common))
+    server, port = make_server(settings.listen, MAX_MESSAGE_BYTES, metrics,
+                               tls=tls.internal_server_tls(common), health_port=settings.health_port)
     holder = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     leader = Leader(client, state, holder, _advertise(settings, port), common.lease_ttl_s, metrics)
     activity: ActivitySource = NoActivity()

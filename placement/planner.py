@@ -10,7 +10,8 @@ The rule (docs/PLACEMENT.md tells it in plain words):
 1. the pod with the most free bytes (capacity − bytes of its models) that fits the model;
 2. else, on each pod, the cheapest victims needed to make room — never a model with requests
    in flight, never a copy still loading, never a copy that keeps its model at its pinned
-   min_copies. Victims come in tiers, and a lower tier always goes first:
+   min_copies, never more of a tenant's bytes than its `budgets` entry (other tenants'
+   reserved shares, placement/tenancy.py). Victims come in tiers, and a lower tier always goes first:
      0 models on probation (used at most `Rules.probation_hits` times: one-off requests),
      1 established models not in use (not used within `Rules.in_use_ms`),
      2 established models in use,
@@ -25,7 +26,7 @@ The rule (docs/PLACEMENT.md tells it in plain words):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence, Set
 
 from mesh.errors import NoCapacity, Unavailable
 from mesh.units import format_bytes
@@ -45,6 +46,7 @@ class PodModel:
     value: float = 0.0  # GDSF value H (policy.GdsfBook); 0 when unknown
     frequency: float = 0.0  # uses counted by the book (probation when <= Rules.probation_hits)
     pinned: bool = False  # evicting it would take the model below its min_copies
+    tenant: str = ""  # whose model it is (ModelSpec.tenant): reserved shares are per tenant
 
     @property
     def evictable(self) -> bool:
@@ -59,12 +61,22 @@ class PodView:
 
     instance_id: str
     capacity_bytes: int
-    models: tuple[PodModel, ...] = ()
+    models: Sequence[PodModel] = ()
     held_bytes: int = 0
+    # Kept by a caller that maintains them incrementally (placement/ledger.py), so a plan that
+    # needs no victims never walks `models` (which the ledger then builds only on demand):
+    booked_bytes: int | None = None  # sum of the models' bytes
+    model_ids: Set[str] | None = None  # the models' ids
 
     @property
     def used_bytes(self) -> int:
-        return self.held_bytes + sum(m.bytes for m in self.models)
+        booked = self.booked_bytes if self.booked_bytes is not None else sum(m.bytes for m in self.models)
+        return self.held_bytes + booked
+
+    def holds(self, model_id: str) -> bool:
+        if self.model_ids is not None:
+            return model_id in self.model_ids
+        return any(m.model_id == model_id for m in self.models)
 
     @property
     def free_bytes(self) -> int:
@@ -110,13 +122,21 @@ def victim_order(models: Iterable[PodModel], now_ms: int = 0, rules: Rules = NO_
     )
 
 
-def _make_room(pod: PodView, needed: int, now_ms: int, rules: Rules, probation: bool) -> list[PodModel] | None:
-    """The cheapest evictable models whose removal frees `needed` bytes; None if impossible."""
+def _make_room(pod: PodView, needed: int, now_ms: int, rules: Rules, probation: bool,
+               budgets: Mapping[str, int] | None = None) -> list[PodModel] | None:
+    """The cheapest evictable models whose removal frees `needed` bytes; None if impossible.
+    `budgets`: tenant -> bytes of its copies this load may evict at most (its resident bytes
+    above its reserved share); a victim that would exceed its tenant's budget is skipped."""
     free = pod.free_bytes
     victims: list[PodModel] = []
+    taken: dict[str, int] = {}
     for model in victim_order(pod.models, now_ms, rules, probation):
         if free >= needed:
             break
+        if budgets is not None and model.tenant in budgets:
+            if taken.get(model.tenant, 0) + model.bytes > budgets[model.tenant]:
+                continue  # would take its tenant below its reserved share
+            taken[model.tenant] = taken.get(model.tenant, 0) + model.bytes
         victims.append(model)
         free += model.bytes
     return victims if free >= needed else None
@@ -138,6 +158,7 @@ def plan(
     evict: bool = True,
     frequency: float = 0.0,
     size_note: str = "",
+    budgets: Mapping[str, int] | None = None,
 ) -> Plan:
     """Chooses the pod for `model_id` (predicted to need `predicted_bytes`) and its victims.
 
@@ -146,12 +167,13 @@ def plan(
     (extra copies, re-placing a dead pod's models). `frequency`: the incoming model's use
     count; at most `rules.probation_hits` puts it on probation (it displaces one-offs first).
     `size_note` says where `predicted_bytes` comes from (a measurement or a prior) in the
-    plan's reason. Raises Unavailable when no pod is left to consider, NoCapacity when no pod
+    plan's reason. `budgets`: tenant -> bytes of that tenant's copies this load may evict
+    (reserved shares of other tenants; tenants not named: no limit). Raises Unavailable when no pod is left to consider, NoCapacity when no pod
     can make room.
     """
     note = f" ({size_note})" if size_note else ""
     candidates = sorted(
-        (p for p in pods if p.instance_id not in exclude and all(m.model_id != model_id for m in p.models)),
+        (p for p in pods if p.instance_id not in exclude and not p.holds(model_id)),
         key=lambda p: p.instance_id,
     )
     if not candidates:
@@ -175,7 +197,7 @@ def plan(
     probation = frequency <= rules.probation_hits
     options: list[tuple[int, float, int, int, str, list[PodModel]]] = []
     for pod in candidates:
-        victims = _make_room(pod, predicted_bytes, now_ms, rules, probation)
+        victims = _make_room(pod, predicted_bytes, now_ms, rules, probation, budgets)
         if victims is None:
             continue
         worst = max((tier(v, now_ms, rules, probation) for v in victims), default=0)
@@ -186,8 +208,8 @@ def plan(
         largest = max(p.capacity_bytes for p in candidates)
         raise NoCapacity(
             f"model '{model_id}' needs {predicted_bytes} bytes{note} and no runtime pod can make room: "
-            f"the largest pod offers {largest} bytes, and models in use or still loading cannot "
-            "be evicted; add pods or raise MESH_RUNTIME_CAPACITY"
+            f"the largest pod offers {largest} bytes, and models in use, still loading or within "
+            "another tenant's reserved memory cannot be evicted; add pods or raise MESH_RUNTIME_CAPACITY"
         )
     worst, _, evicted, _, instance_id, victims = min(options, key=lambda o: o[:5])
     return Plan(

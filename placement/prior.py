@@ -15,12 +15,15 @@ fewer than `prior_min_samples` models are measured on that kind, the larger of t
 `prior_ratio`. A model whose artifact size is unknown too gets `default_model_bytes`, or the
 same percentile of the footprints measured on that kind when that is larger.
 
-Pure bookkeeping over MeshState, kept current by its change hook: the samples are updated per
-change, the percentiles recomputed lazily after a change (no scan of every copy per miss).
+Pure bookkeeping over MeshState, kept current by its change hook: per kind of pod the sorted
+footprints, excesses (whose smallest is the overhead) and ratios are updated per change by
+bisection, so a size costs O(log n) and a new measurement O(n) at worst in list moves (never a
+scan or a sort of every copy per miss); only a change of the overhead re-sorts the ratios.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 
@@ -48,7 +51,10 @@ class Prior:
         self.settings = settings
         # (model, instance) -> (device kind, footprint bytes, artifact bytes) of a measured copy
         self._samples: dict[tuple[str, str], tuple[str, int, int]] = {}
-        self._cache: dict[str, tuple[list[float], list[int]]] = {}  # kind -> sorted ratios, sizes
+        self._sizes: dict[str, list[int]] = {}  # kind -> sorted footprints
+        self._excess: dict[str, list[int]] = {}  # kind -> sorted footprint - artifact (artifact known)
+        self._ratios: dict[str, tuple[int, list[float]]] = {}  # kind -> (overhead used, sorted ratios)
+        self._devices = {i: inst.device for i, inst in state.instances.items()}
         state.on_change(self._on_change)
         for model_id, copies in state.copies.items():
             for instance_id in copies:
@@ -63,11 +69,33 @@ class Prior:
         key = (model_id, instance_id)
         copy = self.state.copies.get(model_id, {}).get(instance_id)
         inst = self.state.instances.get(instance_id)
-        old = self._samples.pop(key, None)
+        new = None
         if copy is not None and inst is not None and copy.state is CopyState.LOADED and copy.size_bytes > 0:
-            self._samples[key] = (inst.device, copy.size_bytes, self._artifact(model_id))
-        if old != self._samples.get(key):
-            self._cache.clear()
+            new = (inst.device, copy.size_bytes, self._artifact(model_id))
+        old = self._samples.get(key)
+        if old == new:
+            return
+        if old is not None:
+            del self._samples[key]
+            self._account(*old, sign=-1)
+        if new is not None:
+            self._samples[key] = new
+            self._account(*new, sign=1)
+
+    def _account(self, kind: str, size: int, art: int, sign: int) -> None:
+        """Adds (sign 1) or removes (-1) one sample from its kind's sorted lists."""
+        _sorted_change(self._sizes.setdefault(kind, []), size, sign)
+        if art <= 0:
+            return
+        before = self.overhead(kind)
+        _sorted_change(self._excess.setdefault(kind, []), max(size - art, 0), sign)
+        cached = self._ratios.get(kind)
+        if cached is None:
+            return
+        if self.overhead(kind) != before:
+            del self._ratios[kind]  # every ratio moves with the overhead: re-sorted when next asked
+        else:
+            _sorted_change(cached[1], size / (art + before), sign)
 
     def _on_change(self, section: str, ids: tuple[str, ...]) -> None:
         if section == k.COPIES and len(ids) == 2:
@@ -75,25 +103,38 @@ class Prior:
         elif section in (k.MODELS, k.STATS) and len(ids) == 1:
             for instance_id in self.state.copies.get(ids[0], {}):
                 self._resample(ids[0], instance_id)
-        elif section == k.INSTANCES and len(ids) == 1 and ids[0] not in self.state.instances:
-            for key in [key for key in self._samples if key[1] == ids[0]]:
-                del self._samples[key]
-                self._cache.clear()
+        elif section == k.INSTANCES and len(ids) == 1:
+            # A pod that appears (again) or changes its device kind re-files its copies' samples
+            # (before, a pod's record arriving after its copies' left them unsampled); its
+            # other record updates (used bytes, on every load) change nothing here.
+            inst = self.state.instances.get(ids[0])
+            device = inst.device if inst is not None else None
+            if self._devices.get(ids[0]) == device:
+                return
+            if device is None:
+                self._devices.pop(ids[0], None)
+            else:
+                self._devices[ids[0]] = device
+            for model_id, copies in self.state.copies.items():
+                if ids[0] in copies:
+                    self._resample(model_id, ids[0])
+            for key in [key for key in self._samples if key[1] == ids[0] and device is None]:
+                self._account(*self._samples.pop(key), sign=-1)
 
     def overhead(self, kind: str) -> int:
         """A session's fixed cost on pods of `kind`: the smallest excess of a measured footprint
         over its artifact there."""
-        excess = [max(size - art, 0) for (knd, size, art) in self._samples.values() if knd == kind and art > 0]
-        return min(excess) if excess else DEFAULT_OVERHEAD
+        excess = self._excess.get(kind)
+        return excess[0] if excess else DEFAULT_OVERHEAD
 
     def _learned(self, kind: str) -> tuple[list[float], list[int]]:
-        if kind not in self._cache:
-            sizes = sorted(size for (knd, size, _) in self._samples.values() if knd == kind)
+        cached = self._ratios.get(kind)
+        if cached is None:
             base = self.overhead(kind)
             ratios = sorted(size / (art + base) for (knd, size, art) in self._samples.values()
                             if knd == kind and art > 0)
-            self._cache[kind] = (ratios, sizes)
-        return self._cache[kind]
+            cached = self._ratios[kind] = (base, ratios)
+        return cached[1], self._sizes.get(kind, [])
 
     def _percentile(self, values: list[float] | list[int]) -> float:
         index = min(len(values) - 1, max(0, math.ceil(self.settings.prior_percentile * len(values)) - 1))
@@ -146,3 +187,13 @@ class Prior:
                 return Size(learned, f"prior: artifact size unknown, p{s.prior_percentile * 100:g} of "
                             f"{len(sizes)} footprints measured on {kind} pods")
         return default
+
+
+def _sorted_change(values: list, value: float, sign: int) -> None:
+    """Inserts (sign 1) or removes (-1) `value` in the sorted list `values`."""
+    if sign > 0:
+        bisect.insort(values, value)
+        return
+    index = bisect.bisect_left(values, value)
+    if index < len(values) and values[index] == value:
+        del values[index]

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
+from mesh.kv import keys as k
 from mesh.types import CopyState
 from placement.controller import Controller
 from placement.copies import Proactive
@@ -30,6 +32,11 @@ from placement.decider import Unassign
 log = logging.getLogger(__name__)
 
 FAILED_GRACE_MS = 30_000
+# The loop reads router telemetry at most this often (a pass runs after every burst of changes:
+# with 10,000 models, reading and folding in every model's activity on each pass was half of
+# placement's CPU in bench/fleet.py). Routers flush it every second anyway; an evicting miss
+# reads it itself (decider.place), and a pass that finds a dead pod always does.
+ACTIVITY_REFRESH_S = 1.0
 
 
 class Reconciler:
@@ -40,21 +47,42 @@ class Reconciler:
         self.debounce_s = debounce_s
         self.proactive = Proactive(controller)
         self._dirty = asyncio.Event()
+        self._refreshed_at = float("-inf")  # monotonic time of the loop's last telemetry read
+        # (instance, model) assignments to look at in the next pass: every one at start, then
+        # those a change may have made stale, and the ones found stale or FAILED but still in
+        # their grace time (kept until their assignment goes or they check out clean). A pass
+        # then costs O(changed), not O(every assignment) — 10,000 of them in the fleet run.
+        self._suspects: set[tuple[str, str]] = {(i, m) for i, ms in self.state.assignments.items() for m in ms}
         self.state.on_change(self._on_change)
 
     def _on_change(self, section: str, ids: tuple[str, ...]) -> None:
         self._dirty.set()
+        if section == k.ASSIGNMENTS and len(ids) == 2:
+            self._suspects.add((ids[0], ids[1]))
+        elif section == k.COPIES and len(ids) == 2:
+            self._suspects.add((ids[1], ids[0]))
+        elif section == k.INSTANCES and len(ids) == 1 and ids[0] not in self.state.instances:
+            # only a pod's death makes its assignments stale (its record changes on every load)
+            self._suspects.update((ids[0], m) for m in self.state.assignments.get(ids[0], {}))
+        elif section == k.MODELS and len(ids) == 1 and ids[0] not in self.state.models:
+            self._suspects.update((i, ids[0]) for i, ms in self.state.assignments.items() if ids[0] in ms)
 
     async def run(self) -> None:
         """Runs until cancelled (under the Supervisor)."""
         await self.state.view.wait_synced()
         while True:
+            # asyncio.timeout: 3.11's wait_for can swallow a cancellation (mesh/kv/view.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.interval_s)
+                async with asyncio.timeout(self.interval_s):
+                    await self._dirty.wait()
             await asyncio.sleep(self.debounce_s)  # let a burst of changes land first
             self._dirty.clear()
             if self.controller.leader.is_leader:
-                await self.reconcile_once()
+                now = time.monotonic()
+                refresh = now - self._refreshed_at >= ACTIVITY_REFRESH_S
+                await self.reconcile_once(refresh=refresh)
+                if refresh:
+                    self._refreshed_at = now
 
     def stale_assignments(self) -> dict[str, list[tuple[str, str]]]:
         """instance id -> [(model id, reason)] for unregistered models, dead pods, and copies
@@ -63,16 +91,22 @@ class Reconciler:
         forever)."""
         out: dict[str, list[tuple[str, str]]] = {}
         now = self.controller.clock.unix_ms()
-        for instance_id, models in self.state.assignments.items():
-            alive = instance_id in self.state.instances
-            for model_id in sorted(models):
-                copy = self.state.copies.get(model_id, {}).get(instance_id)
-                if not alive:
-                    out.setdefault(instance_id, []).append((model_id, "dead_pod"))
-                elif model_id not in self.state.models:
-                    out.setdefault(instance_id, []).append((model_id, "unregistered"))
-                elif copy is not None and copy.state is CopyState.FAILED and now - copy.updated_unix_ms > FAILED_GRACE_MS:
-                    out.setdefault(instance_id, []).append((model_id, "failed_load"))
+        keep: set[tuple[str, str]] = set()
+        for instance_id, model_id in sorted(self._suspects):
+            if model_id not in self.state.assignments.get(instance_id, {}):
+                continue  # gone: nothing to clean
+            copy = self.state.copies.get(model_id, {}).get(instance_id)
+            failed = copy is not None and copy.state is CopyState.FAILED
+            if instance_id not in self.state.instances:
+                out.setdefault(instance_id, []).append((model_id, "dead_pod"))
+            elif model_id not in self.state.models:
+                out.setdefault(instance_id, []).append((model_id, "unregistered"))
+            elif copy is not None and failed and now - copy.updated_unix_ms > FAILED_GRACE_MS:
+                out.setdefault(instance_id, []).append((model_id, "failed_load"))
+            elif not failed:
+                continue  # clean: looked at again only after a change to it
+            keep.add((instance_id, model_id))
+        self._suspects = keep
         return out
 
     def overcommitted(self) -> list[str]:
@@ -80,13 +114,15 @@ class Reconciler:
         ledger = self.controller.ledger
         return sorted(i for i, inst in self.state.instances.items() if ledger.measured_use(i) > inst.capacity_bytes)
 
-    async def reconcile_once(self) -> int:
-        """One pass; returns how many assignments it deleted."""
+    async def reconcile_once(self, refresh: bool = True) -> int:
+        """One pass; returns how many assignments it deleted. `refresh` False reuses the last
+        telemetry read unless a pod died (the loop reads it at most every ACTIVITY_REFRESH_S)."""
         deleted = 0
-        # Telemetry first: which of a dead pod's models were used recently is read from it.
-        await self.controller.refresh_activity()
         stale_all = self.stale_assignments()
         dead = {i: [m for m, why in items if why == "dead_pod"] for i, items in stale_all.items()}
+        if refresh or any(dead.values()):
+            # Telemetry first: which of a dead pod's models were used recently is read from it.
+            await self.controller.refresh_activity()
         replace = self.proactive.recently_used_on_dead_pods(dead)
         for instance_id, stale in sorted(stale_all.items()):
             if await self._delete(instance_id, stale):

@@ -19,6 +19,7 @@ import grpc
 
 from mesh.pb.v1 import internal_pb2, internal_pb2_grpc, types_pb2
 from mesh.rpc.server import ChannelPool
+from mesh.rpc.tls import ClientTLS
 from mesh.types import CopyRecord, CopyState
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,10 @@ class UsageSource(Protocol):
 class GrpcUsage:
     """Asks pods over one long-lived channel per pod address."""
 
-    def __init__(self, timeout: float = 1.0, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, timeout: float = 1.0, max_message_bytes: int = 4 * 1024 * 1024,
+                 tls: ClientTLS | None = None) -> None:
         self.timeout = timeout
-        self._pool = ChannelPool(max_message_bytes)
+        self._pool = ChannelPool(max_message_bytes, tls)  # tls: internal mTLS to the pods
 
     async def get(self, address: str) -> dict[str, Usage] | None:
         stub = internal_pb2_grpc.RuntimeStub(self._pool.get(address))

@@ -1,8 +1,15 @@
 """The pod's disk cache of model artifacts: content-addressed, verified, bounded, LRU.
 
 Layout under `cache_dir`:
-    objects/<key>/model.onnx   key = the assignment's sha256, else sha256 of the URI string
+    objects/<key>/model.onnx   key = the assignment's sha256, else sha256 of the URI string;
+                               with a credentials_ref, a digest of (sha256 or URI, tenant, ref),
+                               so bytes fetched with one tenant's credentials never serve another
     tmp/                       downloads in progress and evicted folders being removed
+
+Private to the pod's user whatever the umask: folders 0700, files 0600 (made so at start for
+what an older version left). A failed artifact never stays: a failed or refused fetch and a
+sha256 mismatch lose their temp file, and a load that fails on the installed artifact
+`discard`s it (unless another model loaded it fine and still uses it).
 
 A download lands in tmp/, is checked against the sha256 when one was given, and is renamed
 into objects/ (atomic on one file system), so a crash never leaves a half file under a key.
@@ -38,13 +45,16 @@ from collections.abc import Callable
 from mesh.errors import LoadFailed
 from mesh.metrics import Metrics
 from mesh.singleflight import SingleFlight
-from puller.storage import DiskFull, Provider, client_for, is_disk_full
+from mesh.uripolicy import show
+from puller.storage import Auth, DiskFull, Provider, client_for, is_disk_full
 
 log = logging.getLogger(__name__)
 
 ARTIFACT = "model.onnx"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1024 * 1024
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +84,29 @@ class Artifact:
     key: str
     path: pathlib.Path
     size_bytes: int
+    sha256: str = ""  # the digest it was verified against ("" when none was given)
 
 
-def cache_key(uri: str, sha256: str) -> str:
-    if sha256:
-        digest = sha256.strip().lower()
-        if not _SHA256.match(digest):
-            raise LoadFailed(f"sha256 {sha256!r} is not 64 hex digits")
-        return digest
-    return hashlib.sha256(uri.encode()).hexdigest()
+def _digest(sha256: str) -> str:
+    digest = sha256.strip().lower()
+    if not _SHA256.match(digest):
+        raise LoadFailed(f"sha256 {sha256[:80]!r} is not 64 hex digits")
+    return digest
+
+
+def cache_key(uri: str, sha256: str, auth: Auth | None = None) -> str:
+    """The artifact's key: its sha256, else a digest of its URI; scoped to the tenant and
+    credentials_ref when it is fetched with credentials."""
+    base = _digest(sha256) if sha256 else hashlib.sha256(uri.encode()).hexdigest()
+    if auth is None or not auth.credentials_ref:
+        return base
+    return hashlib.sha256(f"{base}\0{auth.tenant}\0{auth.credentials_ref}".encode()).hexdigest()
+
+
+def private_dir(path: pathlib.Path) -> None:
+    """`path` (and missing parents) as a folder only the pod's user can enter, umask or not."""
+    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, _DIR_MODE)
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -125,16 +149,21 @@ class ArtifactCache:
         self._report()
 
     def _scan(self) -> list[tuple[str, int]]:
-        self.objects.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
+        private_dir(self.objects)
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        private_dir(self.tmp)
         entries: list[tuple[float, str, int]] = []
         for folder in self.objects.iterdir():
             path = folder / ARTIFACT
-            if folder.is_dir() and path.is_file():
+            if folder.is_dir() and not folder.is_symlink() and path.is_file() and not path.is_symlink():
+                os.chmod(folder, _DIR_MODE)  # an older version left them 0755 / 0644
+                os.chmod(path, _FILE_MODE)
                 info = path.stat()
                 entries.append((info.st_mtime, folder.name, info.st_size))
+            elif folder.is_symlink():
+                folder.unlink(missing_ok=True)
             elif folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
             else:
@@ -161,38 +190,54 @@ class ArtifactCache:
     def path_of(self, key: str) -> pathlib.Path:
         return self.objects / key / ARTIFACT
 
-    async def acquire(self, uri: str, sha256: str = "") -> Artifact:
-        """The artifact on local disk, pinned until `release(key)`; pulls it on a miss."""
-        key = cache_key(uri, sha256)
+    async def acquire(self, uri: str, sha256: str = "", tenant: str = "", credentials_ref: str = "") -> Artifact:
+        """The artifact on local disk, pinned until `release(key)`; pulls it on a miss (with
+        the credentials `credentials_ref` of `tenant` names, puller/storage/credentials.py)."""
+        auth = Auth(tenant, credentials_ref)
+        key = cache_key(uri, sha256, auth)
         self._pins[key] += 1
         try:
             if key in self._index:
                 self.metrics.cache_hits.labels("runtime").inc()
             else:
-                await self._flight.do(key, lambda: self._download(key, uri, sha256))
+                await self._flight.do(key, lambda: self._download(key, uri, sha256, auth))
             self._index.move_to_end(key)
-            return Artifact(key, self.path_of(key), self._index[key])
+            return Artifact(key, self.path_of(key), self._index[key], _digest(sha256) if sha256 else "")
         except BaseException:
             self.release(key)
             raise
+
+    def discard(self, key: str) -> None:
+        """A load of the artifact failed: it leaves the cache at once (the caller still
+        releases its pin), unless another load holds it too (it loaded there, so the bytes
+        are not what failed). The next load of it pulls it again."""
+        if self._pins[key] > 1 or key not in self._index:
+            return
+        size = self._index.pop(key)
+        try:
+            self._remove(key)
+        except OSError:
+            log.warning("artifact %s: could not delete it after its load failed", key)
+        log.info("deleted artifact %s (%d bytes): its load failed", key, size)
+        self._report()
 
     def release(self, key: str) -> None:
         self._pins[key] -= 1
         if self._pins[key] <= 0:
             del self._pins[key]
 
-    async def _download(self, key: str, uri: str, sha256: str) -> None:
+    async def _download(self, key: str, uri: str, sha256: str, auth: Auth) -> None:
         if key in self._index:  # a caller that finished just before us installed it
             return
         self.metrics.cache_misses.labels("runtime").inc()
         start = time.perf_counter()
         part = self.tmp / f"{key}-{uuid.uuid4().hex[:8]}.part"
         try:
-            await self._pull(key, uri, part)
+            await self._pull(key, uri, part, auth)
             if sha256:
                 actual = await asyncio.to_thread(file_sha256, part)
-                if actual != key:
-                    raise LoadFailed(f"artifact {uri} has sha256 {actual}, expected {key}")
+                if actual != _digest(sha256):
+                    raise LoadFailed(f"artifact {show(uri)} has sha256 {actual}, expected {_digest(sha256)}")
             async with self._lock:
                 size = await asyncio.to_thread(self._install, part, key)
                 self._index[key] = size
@@ -204,7 +249,7 @@ class ArtifactCache:
         self.metrics.cache_miss_seconds.labels("runtime").observe(time.perf_counter() - start)
         self._report()
 
-    async def _pull(self, key: str, uri: str, part: pathlib.Path) -> None:
+    async def _pull(self, key: str, uri: str, part: pathlib.Path, auth: Auth) -> None:
         """Pulls into `part`, with room made first; on a full disk, evicts and retries once."""
         client = client_for(self.storage, uri)
         known: list[int] = []
@@ -218,7 +263,7 @@ class ArtifactCache:
             await reserve(hint)  # it failed for want of room before: fail fast if still none
         for attempt in (1, 2):
             try:
-                await client.pull(uri, str(part), reserve)
+                await client.pull(uri, str(part), reserve, auth)
                 return
             except (DiskFull, OSError) as exc:
                 if not isinstance(exc, DiskFull) and not is_disk_full(exc):
@@ -297,8 +342,9 @@ class ArtifactCache:
 
     def _install(self, part: pathlib.Path, key: str) -> int:
         folder = self.objects / key
-        folder.mkdir(parents=True, exist_ok=True)
+        private_dir(folder)
         target = folder / ARTIFACT
+        os.chmod(part, _FILE_MODE)  # the client created it 0600; a fake or an old one may not have
         os.replace(part, target)
         return target.stat().st_size
 

@@ -16,11 +16,28 @@ from typing import Any
 
 import numpy as np
 
-from mesh.errors import InvalidArgument
+from mesh.errors import InvalidArgument, quote_id
 from puller.datatypes import CONTENT_FIELDS, V2, TensorSpec, v2_of_numpy
 
-_MAX_ELEMENTS = 2**62  # far beyond any message size; stops int64 overflow in byte counts
+# Far beyond any message size; stops int64 overflow in byte counts, and keeps numpy's own
+# size check (which multiplies every dimension, zeros aside, by the item size) from raising.
+_MAX_ELEMENTS = 2**58
+MAX_RANK = 32  # numpy's limit is 64; no V2 model has more than a handful of dimensions
+_SHOWN_DIMS = 8  # dimensions of a shape an error message shows
+_SHOWN_NAMES = 16  # names of a model's inputs / outputs an error message lists
 _LEN = struct.Struct("<I")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    """A shape as an error message shows it: bounded however many dimensions were sent."""
+    dims = [str(d) for d in shape[:_SHOWN_DIMS]]
+    return "[" + ", ".join(dims) + (", …]" if len(shape) > _SHOWN_DIMS else "]")
+
+
+def _names(names: Any) -> str:
+    listed = sorted(names)
+    shown = ", ".join(quote_id(n) for n in listed[:_SHOWN_NAMES])
+    return f"[{shown}{', …' if len(listed) > _SHOWN_NAMES else ''}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,27 +57,30 @@ class EncodedOutput:
 
 
 def element_count(name: str, shape: Sequence[int]) -> int:
-    count = 1
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"input {quote_id(name)} has {len(shape)} dimensions; at most {MAX_RANK}")
+    count = nonzero = 1
     for dim in shape:
         if dim < 0:
-            raise InvalidArgument(f"input '{name}' has a negative dimension in shape {list(shape)}")
+            raise InvalidArgument(f"input {quote_id(name)} has a negative dimension in shape {_shape(shape)}")
         count *= dim
-        if count > _MAX_ELEMENTS:
-            raise InvalidArgument(f"input '{name}' shape {list(shape)} has too many elements")
+        nonzero *= dim or 1  # numpy refuses a shape whose non-zero dims overflow, even when one is 0
+        if nonzero > _MAX_ELEMENTS:
+            raise InvalidArgument(f"input {quote_id(name)} shape {_shape(shape)} has too many elements")
     return count
 
 
 def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> None:
     if spec.shape and len(shape) != len(spec.shape):
         raise InvalidArgument(
-            f"input '{spec.name}' has rank {len(shape)} (shape {list(shape)}) but the model "
-            f"expects rank {len(spec.shape)} (shape {list(spec.shape)}, -1 = any size)"
+            f"input {quote_id(spec.name)} has rank {len(shape)} (shape {_shape(shape)}) but the model "
+            f"expects rank {len(spec.shape)} (shape {_shape(spec.shape)}, -1 = any size)"
         )
     for got, want in zip(shape, spec.shape, strict=False):
         if want >= 0 and got != want:
             raise InvalidArgument(
-                f"input '{spec.name}' has shape {list(shape)} but the model expects "
-                f"{list(spec.shape)} (-1 = any size)"
+                f"input {quote_id(spec.name)} has shape {_shape(shape)} but the model expects "
+                f"{_shape(spec.shape)} (-1 = any size)"
             )
 
 
@@ -71,20 +91,20 @@ def split_bytes(name: str, buf: bytes, count: int) -> list[bytes]:
     offset, end = 0, len(buf)
     while offset < end:
         if len(out) >= count:
-            raise InvalidArgument(f"input '{name}': raw BYTES holds more than the {count} elements its shape says")
+            raise InvalidArgument(f"input {quote_id(name)}: raw BYTES holds more than the {count} elements its shape says")
         if offset + 4 > end:
-            raise InvalidArgument(f"input '{name}': raw BYTES ends inside a 4-byte length prefix")
+            raise InvalidArgument(f"input {quote_id(name)}: raw BYTES ends inside a 4-byte length prefix")
         (length,) = _LEN.unpack_from(buf, offset)
         offset += 4
         if offset + length > end:
             raise InvalidArgument(
-                f"input '{name}': raw BYTES element {len(out)} claims {length} bytes but only "
+                f"input {quote_id(name)}: raw BYTES element {len(out)} claims {length} bytes but only "
                 f"{end - offset} remain"
             )
         out.append(bytes(view[offset : offset + length]))
         offset += length
     if len(out) != count:
-        raise InvalidArgument(f"input '{name}': raw BYTES holds {len(out)} elements, shape says {count}")
+        raise InvalidArgument(f"input {quote_id(name)}: raw BYTES holds {len(out)} elements, shape says {count}")
     return out
 
 
@@ -101,7 +121,7 @@ def _from_raw(spec: TensorSpec, buf: bytes, shape: Sequence[int], count: int) ->
     expected = count * dtype.itemsize
     if len(buf) != expected:
         raise InvalidArgument(
-            f"input '{spec.name}': raw contents are {len(buf)} bytes but shape {list(shape)} of "
+            f"input {quote_id(spec.name)}: raw contents are {len(buf)} bytes but shape {_shape(shape)} of "
             f"{spec.datatype} needs exactly {expected}"
         )
     return np.frombuffer(buf, dtype=dtype).reshape(tuple(shape))
@@ -110,28 +130,28 @@ def _from_raw(spec: TensorSpec, buf: bytes, shape: Sequence[int], count: int) ->
 def _from_typed(spec: TensorSpec, contents: Any, shape: Sequence[int], count: int) -> np.ndarray:
     dtype, field = V2[spec.datatype]
     if field is None:
-        raise InvalidArgument(f"input '{spec.name}': {spec.datatype} must be sent in raw_input_contents")
+        raise InvalidArgument(f"input {quote_id(spec.name)}: {spec.datatype} must be sent in raw_input_contents")
     for other in CONTENT_FIELDS:
         if other != field and len(getattr(contents, other)):
-            raise InvalidArgument(f"input '{spec.name}': {spec.datatype} data goes in {field}, not {other}")
+            raise InvalidArgument(f"input {quote_id(spec.name)}: {spec.datatype} data goes in {field}, not {other}")
     values = getattr(contents, field)
     if len(values) != count:
         raise InvalidArgument(
-            f"input '{spec.name}': {field} has {len(values)} elements but shape {list(shape)} needs {count}"
+            f"input {quote_id(spec.name)}: {field} has {len(values)} elements but shape {_shape(shape)} needs {count}"
         )
     if spec.datatype == "BYTES":
         return _object_array(list(values), shape)
     try:
         arr = np.array(values, dtype=dtype)
-    except (OverflowError, ValueError) as exc:
-        raise InvalidArgument(f"input '{spec.name}': values do not fit {spec.datatype}: {exc}") from exc
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"input {quote_id(spec.name)}: values do not fit {spec.datatype}") from None
     if dtype.kind in "iu" and dtype.itemsize < 4 and count:
         # int_contents / uint_contents carry 32-bit values; numpy would wrap the narrow ones.
         wide = np.array(values, dtype=np.int64)
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidArgument(
-                f"input '{spec.name}': values do not fit {spec.datatype} (range {info.min}..{info.max})"
+                f"input {quote_id(spec.name)}: values do not fit {spec.datatype} (range {info.min}..{info.max})"
             )
     return arr.reshape(tuple(shape))
 
@@ -153,13 +173,14 @@ def decode_inputs(request: Any, specs: Mapping[str, TensorSpec]) -> Decoded:
     for index, tensor in enumerate(request.inputs):
         spec = specs.get(tensor.name)
         if spec is None:
-            raise InvalidArgument(f"unknown input '{tensor.name}'; the model's inputs are {sorted(specs)}")
+            raise InvalidArgument(f"unknown input {quote_id(tensor.name)}; the model's inputs are {_names(specs)}")
         if tensor.name in feeds:
-            raise InvalidArgument(f"input '{tensor.name}' appears more than once")
+            raise InvalidArgument(f"input {quote_id(tensor.name)} appears more than once")
         if tensor.datatype != spec.datatype:
+            # A known datatype as is; anything else quoted and cut (the caller's free text).
+            given = tensor.datatype if tensor.datatype in V2 else quote_id(tensor.datatype, 16) if tensor.datatype else "(none)"
             raise InvalidArgument(
-                f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'} but the model "
-                f"expects {spec.datatype}"
+                f"input {quote_id(tensor.name)} has datatype {given} but the model expects {spec.datatype}"
             )
         shape = list(tensor.shape)
         count = element_count(tensor.name, shape)
@@ -167,7 +188,7 @@ def decode_inputs(request: Any, specs: Mapping[str, TensorSpec]) -> Decoded:
         if raw:
             if _has_typed(tensor):
                 raise InvalidArgument(
-                    f"input '{tensor.name}' has typed contents but the request uses raw_input_contents; "
+                    f"input {quote_id(tensor.name)} has typed contents but the request uses raw_input_contents; "
                     "use one or the other"
                 )
             feeds[tensor.name] = _from_raw(spec, raw_contents[index], shape, count)
@@ -175,7 +196,7 @@ def decode_inputs(request: Any, specs: Mapping[str, TensorSpec]) -> Decoded:
             feeds[tensor.name] = _from_typed(spec, tensor.contents, shape, count)
     missing = sorted(specs.keys() - feeds.keys())
     if missing:
-        raise InvalidArgument(f"missing inputs {missing}; the model needs {sorted(specs)}")
+        raise InvalidArgument(f"missing inputs {_names(missing)}; the model needs {_names(specs)}")
     return Decoded(feeds, raw)
 
 
@@ -186,7 +207,7 @@ def requested_outputs(request: Any, specs: Mapping[str, TensorSpec]) -> list[str
         return list(specs)
     for name in names:
         if name not in specs:
-            raise InvalidArgument(f"unknown output '{name}' requested; the model's outputs are {sorted(specs)}")
+            raise InvalidArgument(f"unknown output {quote_id(name)} requested; the model's outputs are {_names(specs)}")
     return list(dict.fromkeys(names))
 
 

@@ -10,6 +10,11 @@ a device, so models with BYTES inputs or outputs run through `session.run`. IOBi
 every failure as a bare RuntimeError, so a failed bound run is repeated once through
 `session.run`, whose typed error tells a rejected input (INVALID_ARGUMENT) from a failure.
 
+Before a session is created the artifact is vetted (puller/sandbox.py): its first load runs
+in a throw-away child process, and only an ok verdict lets it load here; meshserve's own graph
+checks (puller/onnxcheck.py) run there, or here when the sandbox is off. Every session is made
+with `session_options` (no custom-op library, always parsed as ONNX).
+
 Footprints (puller/footprint.py): a load measures session creation plus a warm-up run at the
 model's declared batch (`load(batch=)`: the assignment's max_batch_size; 1 when it has none);
 a request with more input elements than any measured run is re-measured once, in the executor
@@ -21,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import dataclasses
 import logging
 import os
+import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -33,9 +40,10 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from mesh import demo
 from mesh.errors import InvalidArgument, LoadFailed, MeshError
-from puller import gpu
+from puller import gpu, onnxcheck
 from puller.datatypes import ORT_TO_V2, V2, TensorSpec
 from puller.footprint import FILE_SIZE, Footprint, Measured, probe_for
+from puller.sandbox import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,39 @@ def _elements(feeds: Mapping[str, np.ndarray]) -> int:
     return sum(int(arr.size) for arr in feeds.values())
 
 
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    """The options of every session the pod creates, in process and in the sandbox child
+    (puller/sandbox.py). Never a custom-op library (S7): register_custom_ops_library is not
+    called anywhere; and the file is always parsed as ONNX protobuf, the format meshserve's
+    own checks read (puller/onnxcheck.py), never as an ORT-format flatbuffer they cannot see."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    return options
+
+
+def warm_up_feeds(inputs: Mapping[str, TensorSpec], batch: int) -> dict[str, np.ndarray]:
+    """Dummy feeds: `batch` rows where the first dimension is dynamic, 1 for the others."""
+    feeds: dict[str, np.ndarray] = {}
+    for name, spec in inputs.items():
+        shape = tuple(d if d >= 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape))
+        if spec.datatype == "BYTES":
+            feeds[name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[name] = np.ones(shape, dtype=V2[spec.datatype][0])
+    return feeds
+
+
+def _trim() -> None:
+    """Returns glibc's free heap pages to the system (the footprint then sees a load's real
+    growth); a no-op where there is no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
     try:
         items = [x.decode() if isinstance(x, bytes) else str(x) for x in arr.ravel()]
@@ -95,6 +136,7 @@ class Executor:
         cuda: bool,
         footprint: Footprint | None = None,
         io_binding: bool | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ort")
         self.threads = threads  # also bounds each batching model's runs in flight (batching.py)
@@ -113,17 +155,44 @@ class Executor:
         # (model_id, new size_bytes, method). The agent rewrites its records from it.
         self.on_resize: Callable[[str, int, str], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # puller/sandbox.py: first loads in a throw-away child (on unless a caller passes one
+        # that is off: then the graph checks run here, with its limit on declared sizes).
+        self.sandbox = sandbox if sandbox is not None else Sandbox(
+            DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S, None, intra_op_threads, self.providers)
 
-    async def load(self, model_id: str, path: str, batch: int = 0) -> LoadedModel:
-        """Creates, warms up (at `batch` rows where the first dimension is dynamic) and
-        measures a session."""
+    async def load(self, model_id: str, path: str, batch: int = 0, sha256: str = "") -> LoadedModel:
+        """Vets (puller/sandbox.py: `sha256` is the artifact's verified digest, "" when none
+        was given), then creates, warms up (at `batch` rows where the first dimension is
+        dynamic) and measures a session."""
         loop = self._loop = asyncio.get_running_loop()
+        batch = max(batch, 1)
+        locations: tuple[str, ...] | None = None  # None: check the graph here first
+        if self.sandbox.enabled:
+            verdict = await self.sandbox.vet(path, batch, sha256)
+            if not verdict.ok:
+                raise LoadFailed(verdict.message(model_id))
+            locations = verdict.locations
         async with self._measure:
-            return await loop.run_in_executor(self.pool, self._load, model_id, path, max(batch, 1))
+            return await loop.run_in_executor(self.pool, self._load, model_id, path, batch, locations)
 
-    def _load(self, model_id: str, path: str, batch: int) -> LoadedModel:
+    def _check(self, model_id: str, path: str, locations: tuple[str, ...] | None) -> None:
+        """meshserve's own checks before onnxruntime opens the file (puller/onnxcheck.py): the
+        whole graph, or, after a sandbox verdict for these bytes, the external data files
+        again (the folder is not covered by the sha256)."""
+        artifact = pathlib.Path(path)
+        try:
+            if locations is None:
+                onnxcheck.check_model(artifact, self.sandbox.memory_bytes)
+                _trim()  # the parse's freed buffers, reused by onnxruntime, would hide its growth
+            else:
+                onnxcheck.check_locations(artifact.parent, locations)
+        except LoadFailed as exc:
+            raise LoadFailed(f"cannot load model '{model_id}': {exc.message}") from None
+
+    def _load(self, model_id: str, path: str, batch: int, locations: tuple[str, ...] | None = None) -> LoadedModel:
         start = time.perf_counter()
         file_size = os.path.getsize(path)
+        self._check(model_id, path, locations)
         self._prime()
         elements = 0
 
@@ -181,9 +250,7 @@ class Executor:
         self, model_id: str, path: str
     ) -> tuple[ort.InferenceSession, dict[str, TensorSpec], dict[str, TensorSpec], frozenset[str]]:
         """Session creation (the footprint measures it with the warm-up that follows)."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
+        options = session_options(self.intra_op_threads)
         try:
             session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
         except Exception as exc:  # the message names the cache path: keep it out of etcd
@@ -199,13 +266,7 @@ class Executor:
     ) -> int:
         """One run on dummy feeds, `batch` rows where the first dimension is dynamic (1 for
         the other dynamic dimensions); the input elements it measured (0 when it failed)."""
-        feeds: dict[str, np.ndarray] = {}
-        for name, spec in inputs.items():
-            shape = tuple(d if d >= 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape))
-            if spec.datatype == "BYTES":
-                feeds[name] = np.full(shape, "", dtype=object)
-            else:
-                feeds[name] = np.ones(shape, dtype=V2[spec.datatype][0])
+        feeds = warm_up_feeds(inputs, batch)
         try:
             session.run(None, feeds)
         except Exception as exc:  # some graphs reject dummy values; serving may still work
@@ -272,3 +333,4 @@ class Executor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.sandbox.close()

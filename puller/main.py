@@ -22,11 +22,13 @@ from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.metrics import Metrics
 from mesh.rpc.server import install_stop_signals
+from mesh.rpc.tls import internal_server_tls
 from mesh.settings import CommonSettings, RuntimeSettings
 from puller import footprint, gpu
 from puller.agent import Agent, Identity
 from puller.cache import ArtifactCache
 from puller.executor import Executor
+from puller.sandbox import DEFAULT_MEMORY_BYTES, Sandbox
 from puller.server import Runtime, build_server
 from puller.storage import providers
 from puller.table import ModelTable
@@ -64,13 +66,22 @@ async def serve(
 
     table = ModelTable()
     io_binding = gpu.use_io_binding(settings.io_binding, cuda)
-    executor = Executor(settings.executor_threads, settings.intra_op_threads, cuda, io_binding=io_binding)
+    sandbox = Sandbox(
+        settings.sandbox_memory_bytes or min(capacity or DEFAULT_MEMORY_BYTES, DEFAULT_MEMORY_BYTES),
+        settings.sandbox_timeout_s,
+        pathlib.Path(settings.sandbox_verdict_dir or pathlib.Path(settings.cache_dir) / "verdicts"),
+        settings.intra_op_threads, gpu.providers(cuda), enabled=settings.sandbox == "on", metrics=metrics,
+    )
+    executor = Executor(
+        settings.executor_threads, settings.intra_op_threads, cuda, io_binding=io_binding, sandbox=sandbox
+    )
     cache = ArtifactCache(pathlib.Path(settings.cache_dir), settings.cache_bytes, providers(settings), metrics)
     ready = asyncio.Event()
     runtime = Runtime(table)  # its direct loads are the agent's, once it exists
     server, port = build_server(
         settings.listen, settings.max_message_bytes, table, executor, clock, ready, metrics,
         settings.queue_per_model(), settings.max_queue_per_pod, runtime=runtime,
+        tls=internal_server_tls(common), health_port=settings.health_port,
     )
     listen_host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{_listen_host(settings.listen)}:{port}"
@@ -84,6 +95,7 @@ async def serve(
     runtime.loads = agent.direct
     try:
         await cache.start()
+        await sandbox.start()  # the forkserver, onnxruntime imported once, before any load
         metrics_mod.serve(metrics, listen_host or "127.0.0.1", settings.metrics_port)
         await server.start()
         await agent.start()

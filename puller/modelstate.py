@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from mesh.clock import Clock
-from mesh.errors import MeshError
+from mesh.errors import MeshError, redact_paths
 from mesh.metrics import Metrics
 from mesh.types import Assignment, CopyRecord, CopyState, ModelStats
 from puller import batching
@@ -184,7 +184,8 @@ class ModelSlot:
 
     def _failed(self, assignment: Assignment, exc: BaseException) -> None:
         reason = exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
-        log.warning("loading model %s failed: %s", self.model_id, reason)
+        log.warning("loading model %s failed: %s", self.model_id, reason)  # the log keeps the paths
+        reason = redact_paths(reason)  # etcd's copy reaches clients (last_error, FAILED answers)
         self.host.metrics.loads.labels("failed").inc()
         pulled = self.artifact.size_bytes if self.artifact is not None else 0
         self._drop_load()
@@ -296,14 +297,17 @@ class ModelSlot:
     async def _load(self, assignment: Assignment) -> None:
         host = self.host
         t0 = time.perf_counter()
-        self.artifact = await host.cache.acquire(assignment.storage_uri, assignment.sha256)
+        self.artifact = await host.cache.acquire(assignment.storage_uri, assignment.sha256,
+                                                 assignment.tenant, assignment.credentials_ref)
         t1 = time.perf_counter()
         await host.wait_room(assignment.predicted_bytes)
         t2 = time.perf_counter()
-        # Warmed up (and measured) at the batch the model will run at.
-        create = asyncio.ensure_future(
-            host.executor.load(self.model_id, str(self.artifact.path), batch=assignment.max_batch_size)
-        )
+        # Warmed up (and measured) at the batch the model will run at. The cache verified the
+        # bytes against the assignment's sha256 when it has one: the sandbox's verdict key.
+        create = asyncio.ensure_future(host.executor.load(
+            self.model_id, str(self.artifact.path), batch=assignment.max_batch_size,
+            sha256=self.artifact.sha256,
+        ))
         create.add_done_callback(_retrieve)
         try:
             self.model = await asyncio.shield(create)
@@ -315,6 +319,9 @@ class ModelSlot:
             # before this slot loads again), then drop it. A second cancel (shutdown) stops
             # waiting; the thread's session is then dropped when it ends.
             await asyncio.wait([create])
+            raise
+        except Exception:
+            host.cache.discard(self.artifact.key)  # a failed artifact is deleted, never left behind
             raise
 
     async def _drain(self, served: Served) -> None:

@@ -17,13 +17,14 @@ import grpc
 
 from mesh import process
 from mesh.clock import Clock
-from mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable, quote_id, redact_paths
 from mesh.metrics import Metrics
 from mesh.pb.inference import grpc_predict_v2_pb2 as pb
 from mesh.pb.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mesh.pb.v1 import internal_pb2, internal_pb2_grpc, types_pb2
 from mesh.rpc.server import make_server
 from mesh.rpc.status import InFlightLimit, StatusServer
+from mesh.rpc.tls import ServerTLS
 from puller import codec
 from puller.admission import Admission
 from puller.datatypes import TensorSpec
@@ -66,7 +67,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         served = self.table.get(request.name)
         if served is None:
-            raise NotFound(f"model '{request.name}' is not loaded on this pod")
+            raise NotFound(f"model {quote_id(request.name)} is not loaded on this pod")
         model = served.model
         return pb.ModelMetadataResponse(
             name=model.model_id,
@@ -85,7 +86,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self.infer(request, context.time_remaining())
             except MeshError as exc:
-                yield pb.ModelStreamInferResponse(error_message=exc.message)
+                yield pb.ModelStreamInferResponse(error_message=redact_paths(exc.message))
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)
 
@@ -93,7 +94,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         """`remaining_s`: the caller's time left (None: no deadline)."""
         served = self.table.get(request.model_name)
         if served is None:
-            raise Unavailable(f"model {request.model_name} is not loaded on this pod")
+            raise Unavailable(f"model {quote_id(request.model_name)} is not loaded on this pod")
         # Admission sheds before any decoding or queueing, and frees the slot however it ends.
         return await self.admission.run(served, remaining_s, lambda: self._run(served, request, remaining_s))
 
@@ -172,8 +173,11 @@ def build_server(
     max_queue_per_model: int = 64,
     max_queue_per_pod: int = 256,
     runtime: Runtime | None = None,
+    tls: ServerTLS | None = None,
+    health_port: int = 0,
 ) -> tuple[StatusServer, int]:
-    """The pod's gRPC server (not started) and its bound port.
+    """The pod's gRPC server (not started) and its bound port; with `tls` (internal mTLS) it
+    only takes callers presenting a certificate of the internal CA.
 
     Admission control sheds inference requests beyond the queue limits. The server's RPC
     limit sits a little above them (room for control RPCs, streams and requests being shed),
@@ -185,7 +189,7 @@ def build_server(
     rpc_limit = max_queue_per_pod + 64
     server, port = make_server(
         listen, max_message_bytes, metrics, rpc_limit, limit_setting="MESH_RUNTIME_MAX_QUEUE_PER_POD",
-        max_concurrent_streams=InFlightLimit(rpc_limit).backstop,
+        max_concurrent_streams=InFlightLimit(rpc_limit).backstop, tls=tls, health_port=health_port,
     )
     admission = Admission(max_queue_per_model, max_queue_per_pod, metrics, clock)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(table, executor, clock, ready, admission), server)

@@ -26,22 +26,25 @@ import grpc
 from mesh import errors
 from mesh.errors import Kind, MeshError, Unavailable
 from mesh.metrics import Metrics
+from mesh.rpc.calls import settle
 from mesh.rpc.server import ChannelPool
 from mesh.rpc.status import answered, pushback_of
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
-from router import modelid, policy, v2
+from router import policy, tenancy, v2
 from router.miss import MissHandler
+from router.quota import Quotas
 from router.registry import unknown_model
 from router.table import RouteTable
 
 log = logging.getLogger(__name__)
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-# Connection-level metadata that belongs to one hop, never forwarded.
+# Connection-level metadata that belongs to one hop, never forwarded; and the caller's
+# credentials, which are the router's to check and never reach a pod.
 _HOP_BY_HOP = frozenset(
     {"user-agent", "te", "content-type", "connection", "keep-alive", "host", "transfer-encoding",
-     "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding"}
+     "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "authorization"}
 )
 SWEEP_INTERVAL_S = 30.0
 # A miss avoiding the failed copies may still fail (no other pod fits, no leader): then the
@@ -78,10 +81,14 @@ class Forwarder:
         metrics: Metrics,
         rng: random.Random | None = None,
         on_request: Callable[[str], None] | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         """`on_request(model_id)` is told of every request for a registered model (usage
-        telemetry); it must be O(1) and never block or raise."""
+        telemetry); it must be O(1) and never block or raise. `quotas`: the tenants' request
+        quotas (router/quota.py), shared with the registry."""
         self.on_request = on_request
+        self.quotas = quotas or Quotas(state, settings, metrics)
+        self.namespace = tenancy.Namespace(state)
         self.state = state
         self.table = table
         self.miss = miss
@@ -99,18 +106,43 @@ class Forwarder:
     async def infer(
         self, request: bytes, metadata: Iterable[tuple[str, Any]] | None, budget_s: float | None
     ) -> bytes:
-        """Routes one serialized ModelInferRequest; returns the pod's response bytes.
+        """Routes one serialized ModelInferRequest of the RPC's caller; returns the pod's
+        response bytes.
 
-        `budget_s` is the caller's remaining time (None: the default deadline). Raises
-        MeshError for the mesh's own failures and PodStatus for a pod's answer.
+        The caller's tenant decides which model the id names (router/tenancy.py: another
+        tenant's answers as an absent one) and which quotas apply (router/quota.py). `budget_s`
+        is the caller's remaining time (None: the default deadline). Raises MeshError for the
+        mesh's own failures and PodStatus for a pod's answer; both name the caller's id.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (budget_s if budget_s is not None else self.settings.default_deadline_s)
-        model_id, request = modelid.resolve(metadata, request)
-        if not self.table.synced:
-            await self._await_sync(deadline)
-        if model_id not in self.state.models:
-            raise unknown_model(self.state, model_id)
+        principal = tenancy.caller()
+        usage = self.quotas.admit(principal)  # RESOURCE_EXHAUSTED when over a tenant quota
+        started = self.quotas.clock() if usage is not None else 0.0
+        try:
+            if not self.table.synced:
+                await self._await_sync(deadline)
+            public, spec, request = self.namespace.route(principal, metadata, request)
+            if spec is None:
+                raise unknown_model(self.state, public)
+            model_id = spec.model_id
+            try:
+                response = await self._forward(model_id, request, metadata, deadline)
+            except MeshError as exc:
+                raise self.namespace.renamed(exc, model_id, public) from None
+            except PodStatus as exc:
+                exc.details = tenancy.rename(exc.details, model_id, public)
+                raise
+            return self.namespace.response(public, model_id, response)
+        finally:
+            self.quotas.done(usage, started)
+
+    async def _forward(
+        self, model_id: str, request: bytes, metadata: Iterable[tuple[str, Any]] | None, deadline: float
+    ) -> bytes:
+        """Forwards `request` (naming the internal `model_id`) to a ready copy, loading one
+        on a miss; retries as the module docstring says."""
+        loop = asyncio.get_running_loop()
         if self.on_request is not None:
             self.on_request(model_id)
         forward_md = forwarded_metadata(metadata)
@@ -226,14 +258,11 @@ class Forwarder:
             call = self.pool.get(address).unary_unary(INFER_METHOD)
             self._calls[address] = call
         with self.table.track(address):
-            pending = call(request, timeout=timeout, metadata=metadata)
-            try:
-                return await pending
-            except asyncio.CancelledError:
-                # The caller gave up: cancel the forwarded call explicitly; grpcio >= 1.83 never
-                # collects an abandoned aio call (grpc/grpc#43462).
-                pending.cancel()
-                raise
+            # The caller giving up cancels the forwarded call in grpc-core only: cancelling
+            # grpc's task awaiting it leaked its batch's C memory, ~0.7 KiB per call a client
+            # cancelled (grpc/grpc#43360, issue 9 F23); and grpcio >= 1.83 never collects an
+            # abandoned aio call, so it must be cancelled explicitly (grpc/grpc#43462).
+            return await settle(call(request, timeout=timeout, metadata=metadata))
 
     async def _await_sync(self, deadline: float) -> None:
         try:

@@ -24,8 +24,9 @@ from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
-from mesh.pb.v1 import registry_pb2_grpc
+from mesh.pb.v1 import registry_pb2_grpc, tokens_pb2_grpc
 from mesh.process import shutdown_step
+from mesh.rpc import tls
 from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
 from mesh.rpc.status import InFlightLimit, StatusServer
 from mesh.settings import CommonSettings, RouterSettings
@@ -33,8 +34,10 @@ from mesh.state import MeshState
 from mesh.tasks import Supervisor
 from mesh.telemetry import TelemetryKeys
 from mesh.telemetry import client as redis_client
+from router import auth, tokens
 from router.forward import Forwarder
 from router.miss import MissHandler
+from router.quota import Quotas, TenantStore
 from router.registry import Registry
 from router.registry_api import RegistryServicer
 from router.servicer import InferenceServicer
@@ -61,8 +64,11 @@ async def serve(
     view = View(client, keys.prefix())
     state = MeshState(view, keys)
     table = RouteTable(state, metrics)
-    pods = ChannelPool(settings.max_message_bytes)
-    placement = ChannelPool(settings.max_message_bytes)
+    # Internal mTLS (MESH_INTERNAL_TLS_*) to pods and placement; the public port's own TLS below.
+    internal_tls = tls.internal_client_tls(common)
+    public_tls = tls.public_server_tls(settings)
+    pods = ChannelPool(settings.max_message_bytes, internal_tls)
+    placement = ChannelPool(settings.max_message_bytes, internal_tls)
     miss = MissHandler(state, table, placement, metrics, settings.default_deadline_s, settings.leader_wait_s,
                        leader_lease_s=common.lease_ttl_s)
     telemetry = None
@@ -72,9 +78,11 @@ async def serve(
             TelemetryKeys(common.root, common.telemetry_bucket_s), metrics,
             settings.telemetry_flush_s, common.telemetry_retention_s,
         )
+    quotas = Quotas(state, settings, metrics)  # per-tenant quotas (router/quota.py)
     forwarder = Forwarder(state, table, miss, pods, settings, metrics,
-                          on_request=telemetry.record if telemetry else None)
-    registry = Registry(client, keys, state, settings, SystemClock())
+                          on_request=telemetry.record if telemetry else None, quotas=quotas)
+    registry = Registry(client, keys, state, settings, SystemClock(), quotas)
+    tenant_store = TenantStore(client, keys, state, quotas, settings.default_deadline_s)
 
     supervisor = Supervisor()
     supervisor.start("view", view.run)
@@ -90,14 +98,23 @@ async def serve(
         # RESOURCE_EXHAUSTED + pushback: at grpc's 100, one client multiplexing more calls got
         # RST_STREAM REFUSED_STREAM, i.e. UNAVAILABLE with no hint (F21), even at 90 in flight.
         max_concurrent_streams=InFlightLimit(settings.max_concurrent_rpcs).backstop,
+        tls=public_tls, health_port=settings.health_port,
     )
-    server.add_generic_rpc_handlers([InferenceServicer(state, table, forwarder).handler()])
-    registry_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(registry), server)
+    # Every public RPC is authenticated before its handler runs (router/auth.py); grpc
+    # health (added by make_server) and the metrics port are not behind the guard.
+    authn = auth.Authenticator.from_settings(settings, state.tokens, lambda: table.synced)
+    guard = auth.Guard(authn, admin_services=[tokens.SERVICE])
+    server.add_generic_rpc_handlers([guard.generic(InferenceServicer(state, table, forwarder).handler())])
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(registry, tenant_store), guard.server(server))
+    tokens_pb2_grpc.add_TokenAdminServicer_to_server(
+        tokens.TokenAdminServicer(client, keys, state, SystemClock(), authn.admin_digests), guard.server(server))
+    _log_auth(authn)
     try:
         await server.start()
         host = settings.listen.rsplit(":", 1)[0]
         metrics_mod.serve(metrics, host, settings.metrics_port)
-        log.info("router listening on %s (port %d), mesh root %s", settings.listen, port, keys.root)
+        log.info("router listening on %s (port %d, %s), mesh root %s", settings.listen, port,
+                 _transport(public_tls, internal_tls), keys.root)
         supervisor.start("health", lambda: _serving_once_synced(view, server, drain, stop))
         await process.first_set(stop, drain)
         if not stop.is_set():
@@ -115,6 +132,21 @@ async def serve(
             await shutdown_step("Redis close", telemetry.redis.aclose())  # type: ignore[attr-defined]
         await shutdown_step("etcd client close", client.close())
         log.info("router stopped")
+
+
+def _log_auth(authn: auth.Authenticator) -> None:
+    log.info("authentication: %s", authn.describe())
+    if authn.allow_anonymous:
+        log.warning("AUTHENTICATION IS OPTIONAL: callers without credentials are admitted as the default "
+                    "tenant (MESH_ROUTER_ALLOW_ANONYMOUS / mesh up --allow-anonymous); do not expose this "
+                    "router beyond this machine")
+
+
+def _transport(public: tls.ServerTLS | None, internal: tls.ClientTLS | None) -> str:
+    """How the router's connections are secured, for its start-up line."""
+    front = "plaintext" if public is None else (
+        "mutual TLS" if public.require_client_cert else "TLS")
+    return f"{front}; to pods and placement: {'mutual TLS' if internal else 'plaintext'}"
 
 
 async def _drain(server: StatusServer, settings: RouterSettings, stop: asyncio.Event) -> None:

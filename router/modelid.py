@@ -9,21 +9,33 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from mesh.errors import InvalidArgument
+from mesh.errors import InvalidArgument, quote_id
 from router import wire
 
 VMODEL_HEADER = "mm-vmodel-id"
 MODEL_HEADER = "mm-model-id"
+MAX_MODEL_ID = 128  # the registry's limit (router.registry check_model_id): longer ids never exist
 
 
 def model_name(request: bytes) -> str:
     """ModelInferRequest.model_name from the wire bytes ("" when unset).
 
-    Walks the top-level fields only (tensor payloads are skipped by length, never parsed);
-    the last occurrence wins, as protobuf parsers do, so the router and the runtime pod always
-    agree on the model. Malformed bytes raise InvalidArgument.
+    Checks the message's wire structure on the way (wire.check_infer_request: tensor payloads
+    are skipped by length, never parsed), so corrupt bytes are INVALID_ARGUMENT here, not a
+    trip to a pod; the last occurrence wins, as protobuf parsers do, so the router and the
+    runtime pod always agree on the model.
     """
-    return wire.string_field(request, 1)
+    return wire.check_infer_request(request)
+
+
+def check_length(model_id: str) -> str:
+    """Refuses an id no registered model can have before anything looks it up or echoes it
+    (a 200,000-character id used to come back whole in the NOT_FOUND message)."""
+    if len(model_id) > MAX_MODEL_ID:
+        raise InvalidArgument(
+            f"invalid model id {quote_id(model_id)}: {len(model_id)} characters, ids have at most {MAX_MODEL_ID}"
+        )
+    return model_id
 
 
 def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
@@ -46,6 +58,7 @@ def resolve(metadata: Iterable[tuple[str, Any]] | None, request: bytes) -> tuple
     model_id = header or body
     if not model_id:
         raise InvalidArgument("no model id: set ModelInferRequest.model_name or the mm-model-id header")
+    check_length(model_id)
     if header and header != body:
         request = request + wire.string(1, header)
     return model_id, request

@@ -1,9 +1,10 @@
 """The model registry: validation of specs, registration in etcd, status from MeshState.
 
 Every rule a spec breaks is answered with InvalidArgument naming the field and what is
-accepted. Storage URIs are checked against the configured schemes and, for file URIs, against
-the configured roots on realpath-canonical paths (symlinks and `..` resolved), never by string
-prefix of the raw input. Reads come from the watched MeshState; writes go to etcd and are
+accepted. Storage URIs go through mesh/uripolicy.py (the policy the pods apply again when they
+fetch): no credentials in them (use credentials_ref), file:// only under the configured roots
+on canonical paths (none configured: refused), http(s) only to public addresses unless
+allow-listed, and the tenant's prefixes; those refusals are PermissionDenied. Reads come from the watched MeshState; writes go to etcd and are
 answered OK only once this router's view shows them (read your writes), so a registration
 answered OK is routable here at once; when the view cannot confirm it within the caller's
 deadline the answer is UNAVAILABLE, saying the write was made. Retrying a registration of the
@@ -15,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import ipaddress
 import os
 import re
+import socket
 import stat
 import urllib.parse
 from collections.abc import Callable, Mapping
 
-from mesh import errors, types
+from mesh import errors, types, uripolicy
 from mesh.clock import Clock
 from mesh.errors import AlreadyExists, Conflict, InvalidArgument, MeshError, Unavailable
 from mesh.kv.etcd import EtcdClient
@@ -29,6 +32,9 @@ from mesh.kv.keys import Keys
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
 from mesh.types import CopyRecord, CopyState, Decision, ModelSpec, ModelStats
+from router.auth import Principal
+from router.quota import Quotas
+from router.tenancy import Namespace, internal_id
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -38,7 +44,9 @@ MAX_COPIES = 64
 MAX_BATCH = 4096
 MAX_QUEUE_DELAY_US = 1_000_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MAX_URI = 4096
+_CREDENTIALS_REF = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,251}[a-z0-9])?")
+MAX_URI = uripolicy.MAX_URI
+RESOLVE_TIMEOUT_S = 2.0  # longest a registration waits for DNS of an http(s) host
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 DEFAULT_PAGE = 100
@@ -70,7 +78,7 @@ def unknown_model(state: MeshState, model_id: str) -> MeshError:
     retry, so it is only said while the view is connected to etcd; before its first list or
     while its watch is broken the model may well exist: UNAVAILABLE."""
     if not state.view.connected:
-        return Unavailable(f"model '{model_id}' is not known to this router right now (its view of "
+        return Unavailable(f"model {errors.quote_id(model_id)} is not known to this router right now (its view of "
                            "etcd is not connected); retry")
     return errors.model_not_found(model_id)
 
@@ -78,53 +86,64 @@ def unknown_model(state: MeshState, model_id: str) -> MeshError:
 def check_model_id(model_id: str) -> str:
     if not _MODEL_ID.fullmatch(model_id) or model_id in (".", ".."):
         raise InvalidArgument(
-            f"invalid model_id {model_id[:140]!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            f"invalid model_id {errors.quote_id(model_id)}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
         )
     return model_id
 
 
-def _check_file_path(uri: str, parts: urllib.parse.SplitResult, roots: list[str]) -> None:
-    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-        raise InvalidArgument(
-            f"invalid storage_uri {uri!r}: a file URI needs an absolute path, file:///abs/path/model.onnx"
-        )
-    path = urllib.parse.unquote(parts.path)
-    if "\x00" in path or ".." in path.split("/"):
-        raise InvalidArgument(f"invalid storage_uri {uri!r}: '..' segments are not allowed")
-    if parts.query or parts.fragment:
-        raise InvalidArgument(f"invalid storage_uri {uri!r}: a file URI takes no query or fragment")
-    if not roots:
-        return
-    real = os.path.realpath(path)
-    for root in roots:
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real, real_root]) == real_root:
-            return
-    raise InvalidArgument(
-        f"invalid storage_uri {uri!r}: file URIs must lie under the configured roots "
-        "(MESH_ROUTER_FILE_ROOTS)"
-    )
-
-
-def check_storage_uri(uri: str, settings: RouterSettings) -> str:
-    if not uri or len(uri) > MAX_URI or _CONTROL.search(uri) or " " in uri:
-        raise InvalidArgument(
-            f"invalid storage_uri: give 1-{MAX_URI} characters without spaces or control characters"
-        )
-    parts = urllib.parse.urlsplit(uri)
+def check_storage_uri(uri: str, settings: RouterSettings, tenant: str = "") -> str:
+    """Refuses a URI meshserve must not fetch (mesh/uripolicy.py): malformed, carrying
+    credentials, file:// outside the roots (or with none configured), an http(s) host that is
+    a non-public address literal, or outside the tenant's prefixes. Host names are resolved
+    later (`check_resolved_host`), and again by the pod when it connects."""
+    parts = uripolicy.parse(uri, settings.schemes(), "MESH_ROUTER_ALLOWED_SCHEMES")
     scheme = parts.scheme.lower()
-    allowed = settings.schemes()
-    if scheme not in allowed:
-        raise InvalidArgument(
-            f"invalid storage_uri {uri[:200]!r}: scheme {scheme or '(none)'!r} is not accepted; "
-            f"use one of {', '.join(sorted(allowed))} (MESH_ROUTER_ALLOWED_SCHEMES)"
-        )
     if scheme == "file":
-        _check_file_path(uri, parts, settings.roots())
+        path = uripolicy.file_path(uri, parts)
+        uripolicy.FileRoots.parse(settings.file_roots, "MESH_ROUTER_FILE_ROOTS").check_registration(uri, path)
+    elif scheme in ("http", "https"):
+        _egress(settings).check_literal(uri, parts)
     elif not parts.netloc:
-        raise InvalidArgument(f"invalid storage_uri {uri[:200]!r}: a {scheme} URI needs a host")
+        raise InvalidArgument(f"invalid storage_uri {uripolicy.show(uri)}: a {scheme} URI needs a host")
+    uripolicy.TenantPrefixes.parse(
+        settings.tenant_storage_prefixes, "MESH_ROUTER_TENANT_STORAGE_PREFIXES").check(uri, parts, tenant)
     return uri
+
+
+def _egress(settings: RouterSettings) -> uripolicy.Egress:
+    return uripolicy.Egress.parse(settings.allowed_networks, settings.allowed_hosts, "MESH_ROUTER")
+
+
+async def check_resolved_host(uri: str, settings: RouterSettings, deadline: float) -> None:
+    """An http(s) host name that resolves here to a non-public address is refused at
+    registration. A name that does not resolve here (the pods' DNS may differ), or not in
+    time, is accepted: the pod resolves it again and checks the address it connects to."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.scheme.lower() not in ("http", "https") or uripolicy.host_literal(host) is not None:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(min(deadline, loop.time() + RESOLVE_TIMEOUT_S)):
+            infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
+        return
+    egress = _egress(settings)
+    for info in infos:
+        egress.check(uri, ipaddress.ip_address(info[4][0]), host, literal=False)
+
+
+def check_credentials_ref(spec: ModelSpec) -> None:
+    ref = spec.credentials_ref
+    if not ref:
+        return
+    if not _CREDENTIALS_REF.fullmatch(ref):
+        raise InvalidArgument(
+            f"invalid credentials_ref {errors.quote_id(ref, 80)}: give the name of a Secret (1-253 "
+            "characters from a-z 0-9 . - _, starting and ending with a letter or digit)")
+    if urllib.parse.urlsplit(spec.storage_uri).scheme.lower() not in ("http", "https"):
+        raise InvalidArgument("credentials_ref is only used with http(s) storage URIs")
 
 
 def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -152,7 +171,8 @@ def validate(spec: ModelSpec, settings: RouterSettings) -> ModelSpec:
             f"invalid tenant {spec.tenant[:80]!r}: use 1-63 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit, or leave it empty"
         )
-    check_storage_uri(spec.storage_uri, settings)
+    check_storage_uri(spec.storage_uri, settings, spec.tenant)
+    check_credentials_ref(spec)
     fmt = spec.format.lower()
     if fmt not in ("", "onnx"):
         raise InvalidArgument(f"invalid format {spec.format[:40]!r}: only 'onnx' is supported")
@@ -180,28 +200,47 @@ def check_serving_options(spec: ModelSpec) -> None:
 
 class Registry:
     def __init__(
-        self, client: EtcdClient, keys: Keys, state: MeshState, settings: RouterSettings, clock: Clock
+        self, client: EtcdClient, keys: Keys, state: MeshState, settings: RouterSettings, clock: Clock,
+        quotas: Quotas,
     ) -> None:
         self.client = client
         self.keys = keys
         self.state = state
         self.settings = settings
         self.clock = clock
+        self.quotas = quotas
+        self.namespace = Namespace(state)  # tenants' ids <-> the mesh's (router/tenancy.py)
 
-    async def register(self, spec: ModelSpec, budget_s: float | None = None) -> ModelStatus:
-        """Creates models/<id>; OK once this router's view shows it. `budget_s`: the caller's
-        remaining time (None: the default deadline)."""
-        deadline = self._deadline(budget_s)
+    async def register(self, principal: Principal, spec: ModelSpec, budget_s: float | None = None) -> ModelStatus:
+        """Creates models/<internal id> for `principal`'s tenant (an admin: the tenant the spec
+        names); OK once this router's view shows it. `budget_s`: the caller's remaining time
+        (None: the default deadline)."""
+        tenant, public = self.namespace.owner(principal, spec)
+        spec = dataclasses.replace(spec, model_id=public, tenant=tenant)
         spec = validate(spec, self.settings)
-        model_id = spec.model_id
+        internal = self.namespace.key_id(principal, tenant, public)
+        spec = dataclasses.replace(spec, model_id=internal)
+        shown = internal if principal.admin else public  # the id the caller's messages name
+        if not self.quotas.of(tenant).max_models:
+            return self.namespace_status(principal, await self._register(spec, shown, budget_s))
+        async with self.quotas.lock(tenant):  # the model count is exact on this router
+            if internal not in self.state.models:  # a retried registration is never refused
+                self.quotas.check_models(tenant)
+            return self.namespace_status(principal, await self._register(spec, shown, budget_s))
+
+    async def _register(self, spec: ModelSpec, model_id: str, budget_s: float | None) -> ModelStatus:
+        """Registers the validated `spec` (its internal id); `model_id` is the caller's id, for
+        messages."""
+        deadline = self._deadline(budget_s)
+        await check_resolved_host(spec.storage_uri, self.settings, deadline)
         spec = dataclasses.replace(spec, registered_unix_ms=self.clock.unix_ms(),
                                    artifact_bytes=await artifact_bytes(spec.storage_uri, deadline))
-        key = self.keys.model(model_id)
+        key = self.keys.model(spec.model_id)
         try:
             try:
                 revision = await self.client.create(key, types.encode(spec))
             except Conflict:
-                revision = await self._same_spec_revision(key, spec)
+                revision = await self._same_spec_revision(key, spec, model_id)
         except Unavailable as exc:
             raise Unavailable(
                 f"etcd did not confirm the registration of model '{model_id}' ({exc.message}); it may "
@@ -212,52 +251,69 @@ class Registry:
             lambda: view.revision >= revision, deadline,
             f"model '{model_id}' is registered, but this router does not show it yet; retry GetModel "
             "(or RegisterModel with the same spec) shortly")
-        return self.status_of(self.state.models.get(model_id, spec))
+        return self.status_of(self.state.models.get(spec.model_id, spec))
 
-    async def _same_spec_revision(self, key: str, spec: ModelSpec) -> int:
+    async def _same_spec_revision(self, key: str, spec: ModelSpec, model_id: str) -> int:
         """The revision of the registration already at `key` when it is `spec` (a retried
         RegisterModel); raises AlreadyExists when it is another spec."""
         kv = await self.client.get(key)
         if kv is None:
-            raise Unavailable(f"model '{spec.model_id}' was unregistered while registering it; retry")
+            raise Unavailable(f"model '{model_id}' was unregistered while registering it; retry")
         existing = types.decode(ModelSpec, kv.value)
         if _as_registered(existing) != _as_registered(spec):
-            raise AlreadyExists(f"model '{spec.model_id}' is already registered")
+            raise AlreadyExists(f"model '{model_id}' is already registered")
         return kv.mod_revision
 
-    async def unregister(self, model_id: str, budget_s: float | None = None) -> bool:
-        """Deletes the model's key (placement removes its copies); unknown ids succeed. OK once
-        this router's view no longer shows the model."""
-        check_model_id(model_id)
+    async def unregister(self, principal: Principal, model_id: str, budget_s: float | None = None) -> bool:
+        """Deletes the model's key (placement removes its copies); unknown ids, and another
+        tenant's (the same answer), succeed with existed=False. OK once this router's view no
+        longer shows the model."""
+        check_model_id(model_id.partition(":")[2] if principal.admin and ":" in model_id else model_id)
         deadline = self._deadline(budget_s)
+        spec = self.namespace.lookup(principal, model_id)
+        if spec is not None:
+            internal = spec.model_id
+        else:
+            # Not in this view: the caller's own key is deleted anyway (registered through
+            # another router a moment ago, say); it lies in the caller's namespace, so it is
+            # never another tenant's, unless the view shows it is (a pre-namespacing record).
+            internal = model_id if principal.admin else internal_id(principal.tenant, model_id)
+            if internal in self.state.models:
+                return False  # another tenant's model: answered as an absent one, untouched
         try:
-            existed = await self.client.delete(self.keys.model(model_id)) > 0
+            existed = await self.client.delete(self.keys.model(internal)) > 0
         except Unavailable as exc:
             raise Unavailable(
                 f"etcd did not confirm the unregistration of model '{model_id}' ({exc.message}); it "
                 "may or may not have happened: retry UnregisterModel (that is safe)") from None
         await self._until_visible(
-            lambda: model_id not in self.state.models, deadline,
+            lambda: internal not in self.state.models, deadline,
             f"model '{model_id}' is unregistered, but this router still shows it; retry shortly")
         return existed
 
-    def get(self, model_id: str) -> ModelStatus:
-        spec = self.state.models.get(model_id)
+    def get(self, principal: Principal, model_id: str) -> ModelStatus:
+        spec = self.namespace.lookup(principal, model_id)
         if spec is None:
-            raise unknown_model(self.state, model_id)
-        return self.status_of(spec)
+            raise unknown_model(self.state, model_id)  # another tenant's model: the very same answer
+        return self.namespace_status(principal, self.status_of(spec))
 
     def list(
-        self, page_size: int, page_token: str, tenant: str, labels: Mapping[str, str]
+        self, principal: Principal, page_size: int, page_token: str, tenant: str, labels: Mapping[str, str]
     ) -> tuple[list[ModelStatus], str]:
-        """A page of models ordered by id, after `page_token`; returns it with the next token."""
+        """A page of the models `principal` may see, ordered by the id it knows them by, after
+        `page_token`; returns it with the next token. A tenant's `tenant` filter other than its
+        own matches nothing (as if that tenant had no models)."""
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
         page: list[ModelSpec] = []
         more = False
-        for model_id in sorted(self.state.models):
+        ns = self.namespace
+        if not principal.admin and tenant and tenant != principal.tenant:
+            return [], ""
+        visible = {ns.shown_id(principal, s): s for s in self.state.models.values() if ns.visible(principal, s)}
+        for model_id in sorted(visible):
             if page_token and model_id <= page_token:
                 continue
-            spec = self.state.models[model_id]
+            spec = visible[model_id]
             if tenant and spec.tenant != tenant:
                 continue
             if any(spec.labels.get(k) != v for k, v in labels.items()):
@@ -266,8 +322,19 @@ class Registry:
                 more = True
                 break
             page.append(spec)
-        token = page[-1].model_id if more else ""
-        return [self.status_of(spec) for spec in page], token
+        token = ns.shown_id(principal, page[-1]) if more else ""
+        return [self.namespace_status(principal, self.status_of(spec)) for spec in page], token
+
+    def namespace_status(self, principal: Principal, status: ModelStatus) -> ModelStatus:
+        """`status` as `principal` may see it: its id the one the caller knows it by, and other
+        tenants' model ids taken out of placement's decision text."""
+        spec = self.namespace.shown(principal, status.spec)
+        decision = status.decision
+        if decision is not None:
+            decision = dataclasses.replace(decision, reason=self.namespace.scrub(principal, decision.reason))
+        if spec is status.spec and decision is status.decision:
+            return status
+        return dataclasses.replace(status, spec=spec, decision=decision)
 
     def status_of(self, spec: ModelSpec) -> ModelStatus:
         copies = tuple(self.state.copies.get(spec.model_id, {}).values())

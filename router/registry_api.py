@@ -1,4 +1,5 @@
-"""`mesh.v1.ModelRegistry` over gRPC: converts messages, calls router.registry, converts back."""
+"""`mesh.v1.ModelRegistry` over gRPC: converts messages, calls router.registry (models) and
+router.quota (tenant quotas, admin scope) as the RPC's caller (router/tenancy.py), converts back."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import dataclasses
 import grpc
 
 from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
-from mesh.types import CopyState, ModelSpec
+from mesh.types import CopyState, ModelSpec, TenantSpec
+from router import auth
+from router.quota import TenantStore
 from router.registry import ModelState, ModelStatus, Registry
+from router.tenancy import caller
 
 _MODEL_STATE = {
     ModelState.NOT_LOADED: types_pb2.NOT_LOADED,
@@ -70,32 +74,76 @@ def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
     return out
 
 
+_TENANT_FIELDS = tuple(f.name for f in dataclasses.fields(TenantSpec))
+
+
+def tenant_from_pb(spec: registry_pb2.TenantSpec) -> TenantSpec:
+    return TenantSpec(**{name: getattr(spec, name) for name in _TENANT_FIELDS})
+
+
+def tenant_status_to_pb(status: tuple[TenantSpec, bool, int]) -> registry_pb2.TenantStatus:
+    spec, defaults, count = status
+    return registry_pb2.TenantStatus(
+        spec=registry_pb2.TenantSpec(**{name: getattr(spec, name) for name in _TENANT_FIELDS}),
+        defaults=defaults, registered_models=count)
+
+
 class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, tenants: TenantStore) -> None:
         self.registry = registry
+        self.tenants = tenants
 
     async def RegisterModel(
         self, request: registry_pb2.RegisterModelRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.ModelStatus:
-        return status_to_pb(await self.registry.register(spec_from_pb(request.spec), context.time_remaining()))
+        return status_to_pb(await self.registry.register(
+            caller(), spec_from_pb(request.spec), context.time_remaining()))
 
     async def UnregisterModel(
         self, request: registry_pb2.UnregisterModelRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.UnregisterModelResponse:
-        existed = await self.registry.unregister(request.model_id, context.time_remaining())
+        existed = await self.registry.unregister(caller(), request.model_id, context.time_remaining())
         return registry_pb2.UnregisterModelResponse(existed=existed)
 
     async def GetModel(
         self, request: registry_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.ModelStatus:
-        return status_to_pb(self.registry.get(request.model_id))
+        return status_to_pb(self.registry.get(caller(), request.model_id))
 
     async def ListModels(
         self, request: registry_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListModelsResponse:
         models, token = self.registry.list(
-            request.page_size, request.page_token, request.tenant, dict(request.label_selector)
+            caller(), request.page_size, request.page_token, request.tenant, dict(request.label_selector)
         )
         return registry_pb2.ListModelsResponse(
             models=[status_to_pb(m) for m in models], next_page_token=token
         )
+
+    # -- tenant quotas (admin scope) ------------------------------------------------------------
+
+    async def SetTenant(
+        self, request: registry_pb2.SetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.TenantStatus:
+        auth.require_admin("managing tenant quotas")
+        spec = await self.tenants.set(tenant_from_pb(request.spec), context.time_remaining())
+        return tenant_status_to_pb(self.tenants.get(spec.tenant))
+
+    async def GetTenant(
+        self, request: registry_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.TenantStatus:
+        auth.require_admin("managing tenant quotas")
+        return tenant_status_to_pb(self.tenants.get(request.tenant))
+
+    async def ListTenants(
+        self, request: registry_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListTenantsResponse:
+        auth.require_admin("managing tenant quotas")
+        return registry_pb2.ListTenantsResponse(tenants=[tenant_status_to_pb(t) for t in self.tenants.list()])
+
+    async def DeleteTenant(
+        self, request: registry_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeleteTenantResponse:
+        auth.require_admin("managing tenant quotas")
+        existed = await self.tenants.delete(request.tenant, context.time_remaining())
+        return registry_pb2.DeleteTenantResponse(existed=existed)

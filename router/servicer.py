@@ -13,7 +13,7 @@ import grpc
 
 from mesh import errors, process
 from mesh.state import MeshState
-from router import v2
+from router import tenancy, v2
 from router.forward import Forwarder
 from router.registry import unknown_model
 from router.table import RouteTable
@@ -40,29 +40,35 @@ class InferenceServicer:
     async def server_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._server_metadata
 
-    def _known(self, request: bytes) -> str:
+    def _known(self, request: bytes) -> tuple[str, str]:
+        """(the caller's id, the mesh's internal id) of the model a ModelReady / ModelMetadata
+        request names; another tenant's model answers exactly as an absent one."""
         name = v2.name_of(request)
-        if name not in self.state.models:
+        spec = self.forwarder.namespace.lookup(tenancy.caller(), name)
+        if spec is None:
             raise unknown_model(self.state, name)
-        return name
+        return name, spec.model_id
 
     async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return v2.live_response(bool(self.table.ready(self._known(request))))
+        return v2.live_response(bool(self.table.ready(self._known(request)[1])))
 
     async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """From the registry and the last load's tensor metadata; a model never loaded is loaded
         first (as Triton and ModelMesh do), since only onnxruntime knows its tensors."""
-        name = self._known(request)
-        stats = self.state.stats.get(name)
+        name, internal = self._known(request)
+        stats = self.state.stats.get(internal)
         if stats is None or not stats.inputs:
             deadline = asyncio.get_running_loop().time() + self.forwarder.budget(context)
-            await self.forwarder.miss.ensure(name, deadline)
+            try:
+                await self.forwarder.miss.ensure(internal, deadline)
+            except errors.MeshError as exc:
+                raise self.forwarder.namespace.renamed(exc, internal, name) from None
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self.state.wait_for(lambda: (s := self.state.stats.get(name)) and s.inputs, None)
+                    await self.state.wait_for(lambda: (s := self.state.stats.get(internal)) and s.inputs, None)
             except TimeoutError:
                 raise errors.DeadlineExceeded(f"metadata of model '{name}' not known before the deadline") from None
-            stats = self.state.stats.get(name)
+            stats = self.state.stats.get(internal)
         return v2.model_metadata_response(
             name,
             ["1"],

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from router import wire
+from mesh.errors import redact_paths
+from router import modelid, wire
 
 
 def name_of(request: bytes) -> str:
-    """`name` (field 1) of a ModelReadyRequest or ModelMetadataRequest."""
-    return wire.string_field(request, 1)
+    """`name` (field 1) of a ModelReadyRequest or ModelMetadataRequest (both: name = 1,
+    version = 2, strings); malformed bytes and over-long names raise InvalidArgument."""
+    return modelid.check_length(wire.check_message(request, wire.NAMED, "request"))
 
 
 def live_response(live: bool) -> bytes:
@@ -60,5 +62,6 @@ def stream_response(infer_response: bytes) -> bytes:
 
 
 def stream_error(message: str) -> bytes:
-    """ModelStreamInferResponse carrying only error_message (field 1)."""
-    return wire.length_delimited(1, message.encode("utf-8"))
+    """ModelStreamInferResponse carrying only error_message (field 1); bare paths redacted, as
+    the status mapping does for unary errors (mesh/rpc/status.py)."""
+    return wire.length_delimited(1, redact_paths(message).encode("utf-8"))

@@ -9,4 +9,5 @@ if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null || echo "warning: could not install redis-server"
 fi
 ruff check mesh router placement puller tests tools bench
+mypy mesh router placement puller
 exec python -m pytest -q "$@"

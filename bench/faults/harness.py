@@ -116,8 +116,12 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         root = f"/faults-{self.case.lower()}"
         self.mesh = LocalMesh(state_dir=self.dir / "mesh", pods=sc.pods, capacity=sc.capacity, root=root,
-                              lease_ttl_s=self.opts.lease_ttl_s, redis=sc.redis, env=dict(sc.env),
-                              pod_env=dict(sc.pod_env), placements=sc.placements, routers=sc.routers)
+                              lease_ttl_s=self.opts.lease_ttl_s, redis=sc.redis,
+                              # F17's artifact stub serves on loopback, refused by default
+                              env={"MESH_ROUTER_ALLOWED_NETWORKS": "127.0.0.1/32",
+                                   "MESH_RUNTIME_ALLOWED_NETWORKS": "127.0.0.1/32", **sc.env},
+                              pod_env=dict(sc.pod_env), placements=sc.placements, routers=sc.routers,
+                              allow_anonymous=True)
         self.mesh.start(timeout=120)
         seed = 0
         if sc.two_copy:

@@ -1,15 +1,21 @@
-"""CLI commands that talk to a running router: register, unregister, list, status, infer."""
+"""CLI commands that talk to a running router: register, unregister, list, status, infer, token.
+
+Every call carries the caller's token (`authorization: Bearer ...`, mesh.credentials.client_token).
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import pathlib
 import sys
+from typing import Any
 
 import grpc
 import numpy as np
 
-from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
+from mesh import credentials
+from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, tokens_pb2, tokens_pb2_grpc, types_pb2
 
 # V2 datatype -> numpy dtype (BYTES handled apart)
 DTYPES = {
@@ -20,14 +26,46 @@ DTYPES = {
 
 
 def run(args: argparse.Namespace) -> int:
-    channel = grpc.insecure_channel(args.router, options=[("grpc.max_receive_message_length", 64 << 20)])
+    if args.command == "token" and args.token_command == "generate":
+        return generate_token()
+    channel = router_channel(args)
+    token = credentials.client_token(args.token)
+    if token:
+        channel = grpc.intercept_channel(channel, _Bearer(token))
     try:
-        return COMMANDS[args.command](channel, args)
+        command = COMMANDS[args.command] if args.command != "token" else TOKEN_COMMANDS[args.token_command]
+        return command(channel, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     finally:
         channel.close()
+
+
+def router_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext, or TLS with --tls / --tls-ca (and a client certificate with --tls-cert/-key)."""
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    ca, cert, key = (getattr(args, n, "") for n in ("tls_ca", "tls_cert", "tls_key"))
+    if not (getattr(args, "tls", False) or ca or cert):
+        return grpc.insecure_channel(args.router, options=options)
+    if bool(cert) != bool(key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    creds = grpc.ssl_channel_credentials(
+        pathlib.Path(ca).read_bytes() if ca else None,
+        pathlib.Path(key).read_bytes() if key else None,
+        pathlib.Path(cert).read_bytes() if cert else None)
+    return grpc.secure_channel(args.router, creds, options=options)
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of the channel."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = credentials.metadata(token)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return continuation(details, request)
 
 
 def _registry(channel: grpc.Channel) -> registry_pb2_grpc.ModelRegistryStub:
@@ -39,11 +77,17 @@ def register(channel: grpc.Channel, args: argparse.Namespace) -> int:
     if "://" not in uri:
         uri = pathlib.Path(uri).resolve().as_uri()
     spec = types_pb2.ModelSpec(model_id=args.model_id, storage_uri=uri, sha256=args.sha256,
-                               tenant=args.tenant, labels=dict(args.label),
+                               tenant=args.tenant, labels=dict(args.label), credentials_ref=args.credentials_ref,
                                min_copies=args.min_copies, max_copies=args.max_copies,
                                max_batch_size=args.max_batch_size,
                                max_queue_delay_us=args.max_queue_delay_us)
-    _registry(channel).RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=args.timeout)
+    try:
+        _registry(channel).RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED and uri.startswith("file:"):
+            print("hint: a mesh started with `mesh up` reads models from its state folder's models/ and "
+                  "the folders given with --file-root DIR", file=sys.stderr)
+        raise
     print(f"registered {args.model_id} -> {uri}")
     return 0
 
@@ -141,10 +185,117 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]] | list) -> None:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
 
+def generate_token() -> int:
+    token = credentials.new_token()
+    print(f"token:  {token}\nsha256: {credentials.digest(token)}")
+    print("Give routers the digest (MESH_ROUTER_ADMIN_TOKEN_SHA256, or the Helm chart's auth Secret) and "
+          "keep the token secret: it is a bootstrap admin token.", file=sys.stderr)
+    return 0
+
+
+def _tokens(channel: grpc.Channel) -> tokens_pb2_grpc.TokenAdminStub:
+    return tokens_pb2_grpc.TokenAdminStub(channel)
+
+
+def token_create(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    resp = _tokens(channel).CreateToken(tokens_pb2.CreateTokenRequest(
+        tenant=args.tenant, scope=args.scope, name=args.name, ttl_s=args.expires), timeout=args.timeout)
+    i = resp.info
+    print(resp.token)
+    print(f"created token '{i.name}' (id {i.id}) for tenant '{i.tenant or '(default)'}', scope {i.scope}, "
+          f"expires {_when(i.expires_unix_ms)}. It is shown only this once: store it now. Use it as the "
+          "metadata 'authorization: Bearer <token>', or MESH_TOKEN=<token> for the mesh CLI.", file=sys.stderr)
+    return 0
+
+
+def token_list(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    resp = _tokens(channel).ListTokens(tokens_pb2.ListTokensRequest(tenant=args.tenant), timeout=args.timeout)
+    rows = [(t.name, t.id, t.tenant or "-", t.scope, _when(t.created_unix_ms) if t.created_unix_ms else "-",
+             "EXPIRED" if t.expired else _when(t.expires_unix_ms), "settings" if t.configured else "etcd")
+            for t in resp.tokens]
+    _table(("NAME", "ID", "TENANT", "SCOPE", "CREATED", "EXPIRES", "FROM"), rows)
+    return 0
+
+
+def token_revoke(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    resp = _tokens(channel).RevokeToken(tokens_pb2.RevokeTokenRequest(token=args.which), timeout=args.timeout)
+    for t in resp.revoked:
+        print(f"revoked token '{t.name}' (id {t.id}, tenant '{t.tenant or '(default)'}', scope {t.scope})")
+    return 0
+
+
+def _when(unix_ms: int) -> str:
+    if not unix_ms:
+        return "never"
+    return datetime.datetime.fromtimestamp(unix_ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+TOKEN_COMMANDS = {"create": token_create, "list": token_list, "revoke": token_revoke}
+
+# -- tenant quotas (admin) ------------------------------------------------------------------------
+
+_QUOTA_FLAGS = ("max_models", "max_requests_per_s", "max_in_flight", "memory_reserved_bytes", "memory_cap_bytes")
+
+
+def _tenant_row(t: registry_pb2.TenantStatus) -> tuple[str, ...]:
+    s = t.spec
+
+    def limit(value: float, text: str) -> str:
+        return text if value else "-"
+
+    return (s.tenant or "(default)", str(t.registered_models), limit(s.max_models, str(s.max_models)),
+            limit(s.max_requests_per_s, f"{s.max_requests_per_s:g}"), limit(s.max_in_flight, str(s.max_in_flight)),
+            _size(s.memory_reserved_bytes), _size(s.memory_cap_bytes), "defaults" if t.defaults else "set")
+
+
+_TENANT_HEADER = ("TENANT", "MODELS", "MAX MODELS", "MAX REQ/S", "MAX IN FLIGHT", "RESERVED", "CAP", "QUOTAS")
+
+
+def tenant_set(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    """Changes only the quotas given; the others keep the values in force (the defaults for a
+    tenant that had none)."""
+    stub = _registry(channel)
+    current = stub.GetTenant(registry_pb2.GetTenantRequest(tenant=args.tenant), timeout=args.timeout).spec
+    spec = registry_pb2.TenantSpec(**{f: getattr(current, f) for f in _QUOTA_FLAGS}, tenant=args.tenant)
+    for flag in _QUOTA_FLAGS:
+        if getattr(args, flag) is not None:
+            setattr(spec, flag, getattr(args, flag))
+    status = stub.SetTenant(registry_pb2.SetTenantRequest(spec=spec), timeout=args.timeout)
+    _table(_TENANT_HEADER, [_tenant_row(status)])
+    return 0
+
+
+def tenant_get(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    _table(_TENANT_HEADER, [_tenant_row(_registry(channel).GetTenant(
+        registry_pb2.GetTenantRequest(tenant=args.tenant), timeout=args.timeout))])
+    return 0
+
+
+def tenant_list(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    resp = _registry(channel).ListTenants(registry_pb2.ListTenantsRequest(), timeout=args.timeout)
+    _table(_TENANT_HEADER, [_tenant_row(t) for t in resp.tenants])
+    return 0
+
+
+def tenant_delete(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    resp = _registry(channel).DeleteTenant(registry_pb2.DeleteTenantRequest(tenant=args.tenant), timeout=args.timeout)
+    name = args.tenant or "(default)"
+    print(f"tenant {name}: quotas removed, the defaults apply" if resp.existed else f"tenant {name} had no quotas set")
+    return 0
+
+
+TENANT_COMMANDS = {"set": tenant_set, "get": tenant_get, "list": tenant_list, "delete": tenant_delete}
+
+
+def tenant(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    return TENANT_COMMANDS[args.tenant_command](channel, args)
+
+
 COMMANDS = {
     "register": register,
     "unregister": unregister,
     "list": list_models,
     "status": status,
     "infer": infer,
+    "tenant": tenant,
 }

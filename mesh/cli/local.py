@@ -5,6 +5,10 @@ integration tests and benchmarks; every child is stopped by its own PID.
 With `supervise=True` (what `mesh up` uses) a child that exits on its own is restarted with the
 same ports, environment and data dir (mesh.cli.supervise); kill(), stop_process() and stop()
 are intentional and never restarted. Without it (the tests' default) a dead child stays dead.
+
+Routers require credentials: the mesh's admin token is <state dir>/token (minted on first
+start, mode 0600, given to the routers as a bootstrap admin digest) and this class's own calls
+send it. Tests and benchmarks whose clients send no token pass `allow_anonymous=True`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -25,6 +30,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh import credentials
 from mesh.cli import procs
 from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
@@ -43,11 +49,24 @@ class LocalMesh:
     redis: bool = False  # start a redis-server child and pass MESH_REDIS_URL to every process
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pod_env: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # child name ("router", "placement", "pod-0", ...) -> extra environment, e.g. its own
+    # TLS certificate (MESH_INTERNAL_TLS_CERT / _KEY, MESH_ROUTER_TLS_*)
+    process_env: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # How this object's own calls reach the routers (readiness, register, get_model): None is
+    # plaintext; grpc.ssl_channel_credentials(...) when the routers' port speaks TLS.
+    router_credentials: grpc.ChannelCredentials | None = None
     procs: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
     ports: dict[str, int] = dataclasses.field(default_factory=dict)
     placements: int = 1  # placement replicas: "placement", "placement-1", ...
     routers: int = 1  # routers: "router" (on router_port), "router-1", ...
     supervise: bool = False  # restart children that exit on their own (mesh up)
+    # Folders file:// models may be registered from (MESH_ROUTER_FILE_ROOTS and
+    # MESH_RUNTIME_FILE_ROOTS); empty: the state folder's models/ and the temporary folder,
+    # where tests and benchmarks write theirs. `mesh up` names its own.
+    file_roots: tuple[str, ...] = ()
+    # Routers admit callers without credentials as the default tenant (MESH_ROUTER_ALLOW_ANONYMOUS).
+    allow_anonymous: bool = False
+    token: str = ""  # the admin token; empty: <state dir>/token, minted there on first start
     restart_backoff_s: float = 0.5  # first restart delay; doubles per quick failure
     restart_backoff_max_s: float = 10.0
     # name -> how to start that child again with the same ports, environment and data dir
@@ -75,8 +94,19 @@ class LocalMesh:
     def log(self, name: str) -> pathlib.Path:
         return self.state_dir / "logs" / f"{name}.log"
 
+    @property
+    def token_file(self) -> pathlib.Path:
+        return self.state_dir / credentials.TOKEN_FILE
+
+    @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata with the admin token, for clients of this mesh's routers."""
+        return credentials.metadata(self.token)
+
     def start(self, timeout: float = 60.0) -> LocalMesh:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.token:
+            self.token = credentials.state_token(self.state_dir)
         try:
             if not self.etcd:
                 self.ports["etcd"], self.ports["etcd-peer"] = _port(2379), procs.free_port()
@@ -124,8 +154,16 @@ class LocalMesh:
         port = self.ports.setdefault("redis", procs.free_port())
         self._add("redis", lambda: start_redis(port, self.log("redis")))
 
+    def roots(self) -> list[str]:
+        """The file roots routers and pods get (canonical: the pods compare canonical paths)."""
+        roots = self.file_roots or (str(self.state_dir / "models"), tempfile.gettempdir())
+        return [os.path.realpath(r) for r in roots]
+
     def common_env(self) -> dict[str, str]:
+        roots = ",".join(self.roots())
         env = {
+            "MESH_ROUTER_FILE_ROOTS": roots,
+            "MESH_RUNTIME_FILE_ROOTS": roots,
             "MESH_ETCD_ENDPOINTS": self.etcd,
             "MESH_ROOT": self.root,
             "MESH_LEASE_TTL_S": str(self.lease_ttl_s),
@@ -140,7 +178,8 @@ class LocalMesh:
     def _spawn(self, name: str, kind: str, env: dict[str, str]) -> subprocess.Popen:
         # A restart keeps the metrics port, so scrape(name) keeps working.
         metrics_port = self.ports.setdefault(f"{name}-metrics", procs.free_port())
-        full = {**self.common_env(), **env, f"MESH_{kind.upper()}_METRICS_PORT": str(metrics_port)}
+        full = {**self.common_env(), **env, **self.process_env.get(name, {}),
+                f"MESH_{kind.upper()}_METRICS_PORT": str(metrics_port)}
         return self._add(name, lambda: procs.start_mesh_process([kind], full, self.log(name)))
 
     def start_placement(self, name: str) -> None:
@@ -165,7 +204,11 @@ class LocalMesh:
         name = router_name(i)
         if name not in self.ports:
             self.ports[name] = (self.router_port or procs.free_port()) if i == 0 else procs.free_port()
-        self._spawn(name, "router", {"MESH_ROUTER_LISTEN": f"127.0.0.1:{self.ports[name]}"})
+        self._spawn(name, "router", {
+            "MESH_ROUTER_LISTEN": f"127.0.0.1:{self.ports[name]}",
+            "MESH_ROUTER_ADMIN_TOKEN_SHA256": credentials.digest(self.token),
+            "MESH_ROUTER_ALLOW_ANONYMOUS": "true" if self.allow_anonymous else "false",
+        })
 
     def restart(self, name: str, old: subprocess.Popen) -> subprocess.Popen | None:
         """Starts `name` again the way it was started, unless it was stopped on purpose
@@ -234,12 +277,20 @@ class LocalMesh:
 
     def router_ready(self, address: str | None = None) -> bool:
         """True when the router at `address` (default: the first) answers ServerReady."""
-        with grpc.insecure_channel(address or self.router_address) as channel:
+        with self.router_channel(address) as channel:
             call = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")
             try:
-                return call(b"", timeout=1) == b"\x08\x01"
+                return call(b"", timeout=1, metadata=self.auth_metadata) == b"\x08\x01"
             except grpc.RpcError:
                 return False
+
+    def router_channel(self, address: str | None = None) -> grpc.Channel:
+        """A channel to the router at `address` (default: the first), over TLS when
+        router_credentials are set."""
+        target = address or self.router_address
+        if self.router_credentials is None:
+            return grpc.insecure_channel(target)
+        return grpc.secure_channel(target, self.router_credentials)
 
     def scrape(self, name: str) -> dict[str, float]:
         """The Prometheus samples of one process: 'metric{label="v",...}' -> value."""
@@ -267,17 +318,17 @@ class LocalMesh:
     def register(self, model_id: str, path: pathlib.Path | str, **spec: object) -> None:
         """Registers a model through the router (a path becomes a file:// URI)."""
         uri = path if isinstance(path, str) else path.resolve().as_uri()
-        with grpc.insecure_channel(self.router_address) as channel:
+        with self.router_channel() as channel:
             registry_pb2_grpc.ModelRegistryStub(channel).RegisterModel(
                 registry_pb2.RegisterModelRequest(
                     spec=types_pb2.ModelSpec(model_id=model_id, storage_uri=uri, **spec)),  # type: ignore[arg-type]
-                timeout=10,
+                timeout=10, metadata=self.auth_metadata,
             )
 
     def get_model(self, model_id: str) -> types_pb2.ModelStatus:
-        with grpc.insecure_channel(self.router_address) as channel:
+        with self.router_channel() as channel:
             return registry_pb2_grpc.ModelRegistryStub(channel).GetModel(
-                registry_pb2.GetModelRequest(model_id=model_id), timeout=10)
+                registry_pb2.GetModelRequest(model_id=model_id), timeout=10, metadata=self.auth_metadata)
 
     # -- stopping (always intentional: never restarted) -------------------------------------
 

@@ -7,6 +7,14 @@
     mesh register ID URI [--sha256 H] [--tenant T] [--label k=v] [--min-copies N] [--max-copies N]
                          [--max-batch-size N] [--max-queue-delay-us US]
     mesh list | status ID | infer ID [--input JSON] | unregister ID
+    mesh token create --tenant T [--scope infer|tenant|admin] [--name N] [--expires 30d] | token list
+         | token revoke NAME|ID|TOKEN | token generate
+    mesh tenant set T [--max-models N] [--max-requests-per-s R] [--max-in-flight N]
+                      [--memory-reserved SIZE] [--memory-cap SIZE] | tenant get T | tenant list
+         | tenant delete T
+
+Client commands send a token: --token, else MESH_TOKEN, else the file MESH_TOKEN_FILE names,
+else ./.mesh/token (the admin token `mesh up` writes in its state folder).
 """
 
 from __future__ import annotations
@@ -67,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="lease TTL of pods and the placement leader, seconds (default 10)")
     up.add_argument("--capacity", default="64MiB", help="model memory per pod (default 64MiB)")
     up.add_argument("--no-demo", action="store_true", help="register no demo models")
+    up.add_argument("--file-root", action="append", default=[], metavar="DIR",
+                    help="a folder whose models may be registered by path / file:// (repeatable; the "
+                         "state folder's models/ always is, file:// elsewhere is refused)")
+    up.add_argument("--allow-anonymous", action="store_true",
+                    help="let callers without a token in as the default tenant (local development only)")
 
     for name in ("router", "placement", "runtime"):
         sub.add_parser(name, help=f"run one {name} process (configured by MESH_* variables)")
@@ -74,12 +87,20 @@ def _parser() -> argparse.ArgumentParser:
     def target(p: argparse.ArgumentParser) -> None:
         p.add_argument("--router", default="127.0.0.1:8033", help="router address (default 127.0.0.1:8033)")
         p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+        p.add_argument("--token", default="", help="API token (default: MESH_TOKEN, else the token file)")
+        p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+        p.add_argument("--tls-ca", default="", metavar="PEM", help="connect with TLS, trusting this CA bundle")
+        p.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate (router requiring mTLS)")
+        p.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
 
     reg = sub.add_parser("register", help="register a model")
     reg.add_argument("model_id")
     reg.add_argument("storage_uri", help="file:///abs/model.onnx or http(s)://...; a local path is made a file:// URI")
     reg.add_argument("--sha256", default="")
     reg.add_argument("--tenant", default="")
+    reg.add_argument("--credentials-ref", default="", metavar="NAME",
+                     help="credentials the pods fetch an http(s) URI with: the name of a Secret (or a file) "
+                          "under their MESH_RUNTIME_CREDENTIALS_DIR/<tenant>/; never put credentials in the URI")
     reg.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
     reg.add_argument("--min-copies", type=_count, default=0,
                      help="copies kept loaded at all times (0: loaded on first use only)")
@@ -110,7 +131,75 @@ def _parser() -> argparse.ArgumentParser:
                        help='e.g. input=[[1,2,3,4]]; repeat per input')
     infer.add_argument("--batch", type=_count, default=1, help="batch size for random inputs")
     target(infer)
+
+    token = sub.add_parser("token", help="API tokens (admin): create, list, revoke; generate one offline")
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    create = tsub.add_parser("create", help="create a token and print it (the only time it is shown)")
+    create.add_argument("--tenant", default="", help="the tenant whose models it reaches (default: the default tenant)")
+    create.add_argument("--scope", choices=("infer", "tenant", "admin"), default="tenant",
+                        help="infer: inference and reads only; tenant: also (un)registers its models; admin: mesh-wide")
+    create.add_argument("--name", default="", help="a label to list and revoke it by (default: generated)")
+    create.add_argument("--expires", type=_duration, default=0, metavar="DURATION",
+                        help="lifetime, e.g. 3600s, 90m, 12h, 30d, 2w (default: never expires)")
+    target(create)
+    tlist = tsub.add_parser("list", help="list tokens (never their secrets)")
+    tlist.add_argument("--tenant", default="")
+    target(tlist)
+    revoke = tsub.add_parser("revoke", help="revoke a token by name, id prefix or the token itself")
+    revoke.add_argument("which", metavar="NAME|ID|TOKEN")
+    target(revoke)
+    tsub.add_parser("generate", help="print a new token and its sha256 without contacting a router "
+                                     "(for MESH_ROUTER_ADMIN_TOKEN_SHA256 / the Helm chart's Secret)")
+
+    tenant = sub.add_parser("tenant", help="tenant quotas (admin): set, get, list, delete")
+    tnsub = tenant.add_subparsers(dest="tenant_command", required=True)
+    tset = tnsub.add_parser("set", help="set a tenant's quotas (only those given change; 0: no limit)")
+    tset.add_argument("tenant", help='the tenant ("" for the default tenant)')
+    tset.add_argument("--max-models", type=_count, help="registered models at most")
+    tset.add_argument("--max-requests-per-s", type=_rate, metavar="R", help="inference requests per second, per router")
+    tset.add_argument("--max-in-flight", type=_count, help="inference requests in progress, per router")
+    tset.add_argument("--memory-reserved", dest="memory_reserved_bytes", type=_bytes, metavar="SIZE",
+                      help="memory of its copies another tenant's load never evicts, e.g. 2GiB")
+    tset.add_argument("--memory-cap", dest="memory_cap_bytes", type=_bytes, metavar="SIZE",
+                      help="memory its copies may hold at most, e.g. 8GiB")
+    target(tset)
+    for name, text in (("get", "the quotas in force for a tenant"), ("delete", "remove a tenant's quotas "
+                                                                      "(the defaults apply again)")):
+        one = tnsub.add_parser(name, help=text)
+        one.add_argument("tenant", help='the tenant ("" for the default tenant)')
+        target(one)
+    target(tnsub.add_parser("list", help="every tenant with quotas or models"))
     return parser
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _bytes(text: str) -> int:
+    from mesh.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> int:
+    """Seconds in '3600', '3600s', '90m', '12h', '30d' or '2w'."""
+    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].isalpha() else (text, "s")
+    if unit not in _UNITS or not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(f"a duration is a whole number with s, m, h, d or w, e.g. 30d; not {text!r}")
+    return int(number) * _UNITS[unit]
 
 
 def main(argv: list[str] | None = None) -> None:

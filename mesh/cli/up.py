@@ -2,6 +2,10 @@
 
 Children are supervised (mesh.cli.supervise): one that dies is started again with backoff and
 the rest keep serving. Two placement replicas by default, so a leader's death leaves a standby.
+
+Authentication is on: the mesh's admin token is <state dir>/token (mode 0600, kept across
+restarts), which the CLI reads when run from the folder holding the state dir (./.mesh by
+default); `--allow-anonymous` also lets callers without a token in as the default tenant.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
                      etcd=args.etcd or "", lease_ttl_s=args.lease_ttl,
                      root=os.environ.get("MESH_ROOT", "/meshserve"),  # the etcd key root, as for every process
                      redis=shutil.which("redis-server") is not None,  # usage telemetry when available
-                     placements=args.placements, routers=args.routers, supervise=True)
+                     placements=args.placements, routers=args.routers, supervise=True,
+                     allow_anonymous=args.allow_anonymous,
+                     # file:// only from its own models folder and the folders the user named
+                     file_roots=(str(state / "models"), *(str(pathlib.Path(d).resolve()) for d in args.file_root)))
     print(f"starting meshserve: {args.pods} runtime pods of {args.capacity}, {args.placements} placement "
           f"replicas, {args.routers} router(s), state in {state} ...", flush=True)
     stop = threading.Event()
@@ -43,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         if len(addresses) > 1:
             print("routers (any of them serves every model): " + ", ".join(addresses))
         print(f"etcd at {mesh.etcd}, logs in {state / 'logs'}")
+        print("models registered by path / file:// are read from: " + ", ".join(mesh.roots())
+              + " (add folders with --file-root DIR)")
+        _print_auth(mesh, state, args.allow_anonymous)
         print(f"usage telemetry in Redis at {mesh.redis_url}" if mesh.redis_url
               else "usage telemetry off (no redis-server on PATH)")
         print("processes (restarted when they die): "
@@ -58,6 +68,19 @@ def run(args: argparse.Namespace) -> int:
         print("\nstopping ...", flush=True)
         mesh.stop()
     return 0
+
+
+def _print_auth(mesh: LocalMesh, state: pathlib.Path, anonymous: bool) -> None:
+    default = (pathlib.Path.cwd() / ".mesh").resolve() == state
+    print(f"admin token in {mesh.token_file} (mode 0600): the mesh CLI "
+          + ("reads it from there when run in this folder" if default
+             else f"reads it with MESH_TOKEN_FILE={mesh.token_file}")
+          + "; other clients send the metadata 'authorization: Bearer <token>' "
+          + f"(tritonclient: headers={{'authorization': 'Bearer ' + open('{mesh.token_file}').read().strip()}})")
+    print("tenant tokens: mesh token create --tenant T   (mesh token list / mesh token revoke NAME)")
+    if anonymous:
+        print("WARNING: --allow-anonymous: callers without a token are let in as the default tenant; "
+              "keep this mesh on this machine")
 
 
 def _log_supervisor() -> None:
@@ -77,7 +100,8 @@ def _register_demo(mesh: LocalMesh, folder: pathlib.Path) -> list[str]:
             spec = types_pb2.ModelSpec(model_id=model_id, storage_uri=path.resolve().as_uri(),
                                        labels={"demo": "true"})
             try:
-                stub.RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=10)
+                stub.RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=10,
+                                   metadata=mesh.auth_metadata)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise

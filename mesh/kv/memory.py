@@ -262,9 +262,10 @@ class MemoryStore:
             if next_rev <= self.compacted:
                 raise Compacted(self.compacted)
             async with self._changed:
-                await self._changed.wait_for(
-                    lambda want=next_rev: self._broken != broken or want <= self.compacted or self._visible >= want
-                )
+                def caught_up(want: int = next_rev) -> bool:
+                    return self._broken != broken or want <= self.compacted or self._visible >= want
+
+                await self._changed.wait_for(caught_up)
             if self._broken != broken:
                 raise Unavailable("memory store: watch stream broken")
             if next_rev <= self.compacted:

@@ -63,13 +63,17 @@ class View:
         """`listener(events)` runs after each applied batch; it must be quick and not raise."""
         self._listeners.append(listener)
 
+    # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation
+    # that arrives as the awaited predicate comes true (it returns the result instead), and a
+    # cancelled waiter in a retry loop then never stops (a stall the decider property found).
     async def wait_synced(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._synced.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._synced.wait()
 
     async def wait_for(self, predicate: Callable[[], object], timeout: float | None) -> object:
         """Waits until predicate() is truthy (re-checked after every change); returns its value."""
-        async with self._changed:
-            return await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+        async with asyncio.timeout(timeout), self._changed:
+            return await self._changed.wait_for(predicate)
 
     # -- the loop -----------------------------------------------------------------------------
 

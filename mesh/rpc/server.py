@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from mesh.metrics import Metrics
 from mesh.rpc.status import InFlightLimit, StatusServer
+from mesh.rpc.tls import CLIENT_RECHECK_S, ClientTLS, ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ def make_server(
     *,
     limit_setting: str = "",
     max_concurrent_streams: int = 100,
+    tls: ServerTLS | None = None,
+    health_port: int = 0,
 ) -> tuple[StatusServer, int]:
     """A grpc.aio server bound to `listen`; returns it with the bound port (for port 0).
 
@@ -92,31 +97,109 @@ def make_server(
     `grpc-retry-pushback-ms` hint and a message naming `limit_setting` (status.InFlightLimit).
     grpc's own limit (which answers "Concurrent RPC limit exceeded!" with no hint) sits
     above it as a backstop, for RPCs arriving faster than the shed path answers them.
+
+    `tls`: the port speaks TLS only (mesh/rpc/tls.py; plaintext clients fail the handshake).
+    `health_port`: a second, plaintext server on the listen host answering only grpc.health.v1
+    (the same statuses), for Kubernetes grpc probes, which cannot speak TLS.
     """
     limit = InFlightLimit(max_concurrent_rpcs, limit_setting) if max_concurrent_rpcs else None
     server = grpc.aio.server(
         options=server_options(max_message_bytes, max_concurrent_streams),
         maximum_concurrent_rpcs=limit.backstop if limit else None,
     )
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    return StatusServer(server, metrics, limit), port
+    if not health_port:
+        return StatusServer(server, metrics, limit), port
+    health_listen = f"{listen.rsplit(':', 1)[0]}:{health_port}"
+    probes = grpc.aio.server(options=server_options(64 * 1024, 8))
+    if probes.add_insecure_port(health_listen) == 0:
+        raise OSError(f"cannot listen on {health_listen} (health port)")
+    return HealthPortServer(server, metrics, limit, probes), port
+
+
+class HealthPortServer(StatusServer):
+    """A StatusServer whose health service is also served, alone and in plaintext, by a second
+    server (`probes`), started and stopped with the main one."""
+
+    def __init__(self, server: grpc.aio.Server, metrics: Metrics, limit: InFlightLimit | None,
+                 probes: grpc.aio.Server) -> None:
+        super().__init__(server, metrics, limit)
+        self.probes = probes
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
+
+    async def start(self) -> None:
+        await self.probes.start()
+        await super().start()
+
+    async def stop(self, grace: float | None) -> None:
+        try:
+            await super().stop(grace)
+        finally:
+            await self.probes.stop(None)
 
 
 class ChannelPool:
-    """One long-lived channel per address, closed when the address goes away."""
+    """One long-lived channel per address, closed when the address goes away.
 
-    def __init__(self, max_message_bytes: int) -> None:
-        self._options = channel_options(max_message_bytes)
+    With `tls` (internal mTLS) the channels are TLS channels presenting this process's client
+    certificate. Every CLIENT_RECHECK_S, get() looks at the certificate files; when they
+    changed, each address gets a new channel with the new certificate on its next get(), and
+    the old channel is closed once its calls finish (within OLD_CHANNEL_GRACE_S).
+    """
+
+    OLD_CHANNEL_GRACE_S = 120.0  # above the default deadline of a call (a cold load included)
+
+    def __init__(self, max_message_bytes: int, tls: ClientTLS | None = None) -> None:
+        self._options: list[tuple[str, int | str]] = list(channel_options(max_message_bytes))
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._generation = 0
+        self._made_in: dict[str, int] = {}  # address -> generation of its channel
+        self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}  # closing once idle
+        if tls is not None:
+            self._options += tls.options()
+            self._signature = tls.signature()
+            self._credentials = tls.credentials()
+            self._checked = time.monotonic()
 
     def get(self, address: str) -> grpc.aio.Channel:
+        if self._tls is not None:
+            self._recheck(address)
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[address] = channel
+            self._made_in[address] = self._generation
         return channel
+
+    def _recheck(self, address: str) -> None:
+        assert self._tls is not None
+        now = time.monotonic()
+        if now - self._checked >= CLIENT_RECHECK_S:
+            self._checked = now
+            signature = self._tls.signature()
+            if signature is not None and signature != self._signature:
+                try:
+                    self._credentials = self._tls.credentials()
+                except ValueError as exc:
+                    log.warning("internal TLS files changed but cannot be read (%s); keeping the old ones", exc)
+                else:
+                    self._signature = signature
+                    self._generation += 1
+                    log.info("internal TLS client certificate changed; new channels use it")
+        if address in self._channels and self._made_in.get(address) != self._generation:
+            self._retire(self._channels.pop(address))
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close(self.OLD_CHANNEL_GRACE_S))
+        self._retiring[channel] = task
+        task.add_done_callback(lambda _: self._retiring.pop(channel, None))
 
     async def discard(self, address: str) -> None:
         channel = self._channels.pop(address, None)
@@ -130,6 +213,10 @@ class ChannelPool:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+        retiring, self._retiring = dict(self._retiring), {}
+        for channel, task in retiring.items():
+            task.cancel()
+            await channel.close()  # at once: calls still on an old channel are cancelled
 
 
 def install_stop_signals(stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:

@@ -6,6 +6,11 @@ and every RPC is counted and timed by method and code. This replaces a grpc.aio
 ServerInterceptor, which grpc runs per RPC (an extra coroutine, a handler lookup and a fresh
 closure for every call); profiling showed that cost on the hot path (docs/BENCHMARKS.md).
 
+A request whose bytes do not parse is INVALID_ARGUMENT, never grpc's own UNKNOWN "Unexpected
+<class DecodeError>" (each handler's request deserializer is wrapped: see `tolerant`), and
+every message a caller sees has bare filesystem paths redacted (errors.redact_paths): the last
+guard, whichever code formatted an OS or onnxruntime error into a MeshError.
+
 An Overloaded error (a shed) also carries `grpc-retry-pushback-ms` in its trailing metadata,
 and a server built with an InFlightLimit sheds RPCs beyond it that way before running them.
 """
@@ -20,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh.errors import Kind, MeshError, Overloaded
+from mesh.errors import InvalidArgument, Kind, MeshError, Overloaded, redact_paths
 from mesh.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ def trailing_of(exc: MeshError) -> tuple[tuple[str, str], ...]:
     """Trailing metadata a MeshError's status carries: its kind (so a router tells a pod that
     answered UNAVAILABLE, e.g. "not loaded on this pod", from one it could not reach) and the
     retry hint of a shed."""
-    out = ((ANSWERED_KEY, exc.kind.value.lower()),)
+    out: tuple[tuple[str, str], ...] = ((ANSWERED_KEY, exc.kind.value.lower()),)
     if isinstance(exc, Overloaded):
         out += ((PUSHBACK_KEY, str(exc.retry_after_ms)),)
     return out
@@ -64,6 +69,49 @@ def answered(metadata: Any) -> bool:
 def pushback_of(metadata: Any) -> tuple[tuple[str, str], ...]:
     """The retry hint among a call's trailing metadata, to pass on across a hop (router)."""
     return tuple((k, v) for k, v in metadata or () if k == PUSHBACK_KEY)
+
+
+class Malformed:
+    """What a tolerant deserializer returns for bytes that are not a valid message: the
+    handler wrapping answers it INVALID_ARGUMENT instead of running the handler."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"malformed request: the bytes are not a valid {self.message} "
+                               "protobuf message (truncated, corrupt or of another type)")
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` returning a Malformed for bytes it cannot parse instead of raising.
+
+    grpc.aio runs the request deserializer outside the handler and answers its exception
+    with UNKNOWN and the exception's text (a protobuf DecodeError): a client sending a corrupt
+    ModelInferRequest to a pod saw that. Only the parse is tolerated, nothing else."""
+    if deserializer is None:  # bytes handlers (the router's V2 service) parse themselves
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError, RuntimeWarning-as-error, ...: all malformed
+            return Malformed(name)
+
+    return parse
+
+
+async def _checked(requests: Any) -> Any:
+    """A request stream whose malformed message ends the RPC with INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, Malformed):
+            raise request.error()
+        yield request
 
 
 class InFlightLimit:
@@ -118,7 +166,7 @@ async def _fail(exc: BaseException, context: grpc.aio.ServicerContext, record: _
     if isinstance(exc, MeshError):
         code = code_of(exc)
         record(code, start)
-        await context.abort(code, exc.message, trailing_metadata=trailing_of(exc))
+        await context.abort(code, redact_paths(exc.message), trailing_metadata=trailing_of(exc))
     if isinstance(exc, Exception):
         log.exception("unhandled error in %s", record.method)
         record(grpc.StatusCode.INTERNAL, start)
@@ -130,6 +178,8 @@ def _unary_response(fn: Callable[..., Any], record: _Recorder, limit: InFlightLi
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             response = await fn(request, context)
         except BaseException as exc:
             await _fail(exc, context, record, start)
@@ -164,6 +214,8 @@ def _stream_response(fn: Callable[..., Any], record: _Recorder, limit: InFlightL
         if limit is not None:
             limit.active += 1
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             async for item in fn(request, context):
                 yield item
         except BaseException as exc:
@@ -183,25 +235,35 @@ def instrument(
     """`handler` with status mapping and metrics (and the server's in-flight limit, when it
     has one) applied to whichever behaviour it has."""
     record = _Recorder(metrics, method.rsplit("/", 1)[-1])
-    h: Any = handler
+    h: Any = handler._replace(request_deserializer=tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
     if h.unary_unary:
         return h._replace(unary_unary=_unary_response(h.unary_unary, record, limit))
     if h.stream_unary:
-        return h._replace(stream_unary=_unary_response(h.stream_unary, record, limit))
+        return h._replace(stream_unary=_unary_response(_streamed(h.stream_unary), record, limit))
     if h.unary_stream:
         return h._replace(unary_stream=_stream_response(h.unary_stream, record, limit))
     if h.stream_stream:
-        return h._replace(stream_stream=_stream_response(h.stream_stream, record, limit))
+        return h._replace(stream_stream=_stream_response(_streamed(h.stream_stream), record, limit))
     return handler
 
 
-class _InstrumentedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose method handlers are instrumented the first time each is asked for."""
+def _streamed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A client-streaming handler reading its requests through _checked."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics, limit: InFlightLimit | None) -> None:
+    def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return fn(_checked(requests), context)
+
+    return call
+
+
+class WrappingGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped by `wrap(handler, method)` the first
+    time each is asked for (the status layer here, authentication in router/auth.py)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler,
+                 wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]) -> None:
         self.inner = inner
-        self.metrics = metrics
-        self.limit = limit
+        self.wrap = wrap
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -212,7 +274,7 @@ class _InstrumentedGeneric(grpc.GenericRpcHandler):
         handler = self.inner.service(details)
         if handler is None:
             return None
-        wrapped = instrument(handler, method, self.metrics, self.limit)
+        wrapped = self.wrap(handler, method)
         if len(self._cache) < _MAX_CACHED_METHODS:
             self._cache[method] = wrapped
         return wrapped
@@ -238,7 +300,8 @@ class StatusServer:
         await self.health.set("", status)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers([_InstrumentedGeneric(h, self.metrics, self.limit) for h in handlers])
+        self.server.add_generic_rpc_handlers(
+            [WrappingGeneric(h, lambda hd, m: instrument(hd, m, self.metrics, self.limit)) for h in handlers])
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self.server.add_registered_method_handlers(  # type: ignore[attr-defined]

@@ -5,17 +5,25 @@ effects, no plugin discovery). The cache (puller/cache.py) is the only caller. A
 the cache the artifact's size before writing it (`reserve`, so the cache can make room on its
 disk first) and reports a full disk as `DiskFull` (so the cache can evict and retry), never
 as a plain LoadFailed that would name the cache's own paths.
+
+Every backend applies mesh/uripolicy.py again before it reads a byte (the router checked at
+registration; the pod checks what it actually opens or connects to), and creates its target
+with `open_target` (mode 0600 whatever the umask: the cache is private to the pod's user).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import os
+import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from mesh.errors import InvalidArgument, LoadFailed
 from mesh.settings import RuntimeSettings
+from mesh.uripolicy import show
 
 # Called with the artifact's size in bytes once it is known (file size, Content-Length),
 # before anything is written; may raise LoadFailed (no room can be made for it).
@@ -39,10 +47,32 @@ class DiskFull(LoadFailed):
         self.size = size
 
 
+@dataclasses.dataclass(frozen=True)
+class Auth:
+    """Whose credentials a fetch uses: the ModelSpec's tenant and credentials_ref."""
+
+    tenant: str = ""
+    credentials_ref: str = ""
+
+
+def open_target(target: str) -> int:
+    """The download's target opened for writing (created 0600, truncated, never through a
+    symlink); a regular file gets mode 0600 even if it existed or the umask was loose."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class StorageClient(Protocol):
-    async def pull(self, uri: str, target: str, reserve: Reserve | None = None) -> None:
-        """Writes the artifact at `uri` to the file `target` (created or truncated), calling
-        `reserve(size)` first when the size is known up front.
+    async def pull(self, uri: str, target: str, reserve: Reserve | None = None, auth: Auth | None = None) -> None:
+        """Writes the artifact at `uri` to the file `target` (created or truncated, with
+        `open_target`), calling `reserve(size)` first when the size is known up front; `auth`
+        names the credentials to fetch with (http(s) only).
 
         Raises DiskFull when the target's file system is full, else mesh.errors.LoadFailed
         (or another MeshError) with a user-facing reason."""
@@ -55,16 +85,23 @@ class Provider(Protocol):
 
 def providers(settings: RuntimeSettings) -> dict[str, Provider]:
     """scheme -> provider for every backend this pod supports."""
+    from mesh import uripolicy
+    from puller.storage.credentials import Credentials
     from puller.storage.file import FileProvider
     from puller.storage.http import HttpProvider
 
-    http = HttpProvider(settings.download_timeout_s, settings.max_artifact_bytes)
-    return {"file": FileProvider(settings.max_artifact_bytes), "http": http, "https": http}
+    roots = uripolicy.FileRoots.parse(settings.file_roots, "MESH_RUNTIME_FILE_ROOTS")
+    egress = uripolicy.Egress.parse(settings.allowed_networks, settings.allowed_hosts, "MESH_RUNTIME")
+    http = HttpProvider(settings.download_timeout_s, settings.max_artifact_bytes, egress,
+                        settings.max_redirects, Credentials(settings.credentials_dir))
+    files = FileProvider(settings.max_artifact_bytes, roots, settings.allow_hard_links)
+    return {"file": files, "http": http, "https": http}
 
 
 def client_for(table: dict[str, Provider], uri: str) -> StorageClient:
     scheme = urllib.parse.urlsplit(uri).scheme.lower()
     provider = table.get(scheme)
     if provider is None:
-        raise InvalidArgument(f"unsupported storage URI scheme '{scheme}' in {uri!r}; supported: {sorted(table)}")
+        raise InvalidArgument(f"unsupported storage URI scheme '{scheme[:20]}' in {show(uri)}; "
+                              f"supported: {sorted(table)}")
     return provider.client(uri)

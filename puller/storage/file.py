@@ -1,73 +1,150 @@
-"""file:// artifacts: absolute local paths, resolved with realpath, regular files only."""
+"""file:// artifacts, read only from under the pod's file roots (MESH_RUNTIME_FILE_ROOTS).
+
+Containment is checked on what is opened, not on a path string: the root folder is opened,
+then every component below it with openat(O_NOFOLLOW) from the previous folder's fd, so a
+symlink anywhere below the root (or a folder or file swapped for one after registration) is
+refused by the kernel, with no window between check and open. The opened fd must be a regular,
+non-empty file with one hard link (a second link may be a copy of a file outside the roots,
+which no path check can see; MESH_RUNTIME_ALLOW_HARD_LINKS accepts them), and the copy reads
+that fd, never the path again. /etc/shadow, /proc/self/environ or /dev/zero cannot be under a
+root: `/` and system folders are refused as roots (mesh/uripolicy.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
-import shutil
 import stat
-import urllib.parse
 
-from mesh.errors import InvalidArgument, LoadFailed
-from puller.storage import DiskFull, Reserve, is_disk_full
+from mesh import uripolicy
+from mesh.errors import LoadFailed, PermissionDenied
+from puller.storage import Auth, DiskFull, Reserve, is_disk_full, open_target
+
+_CHUNK = 1024 * 1024
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO under a root opens at once (then fails the regular-file check) instead of
+# blocking a thread forever; O_NOCTTY: a terminal never becomes ours.
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def local_path(uri: str) -> str:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme.lower() != "file":
-        raise InvalidArgument(f"not a file:// URI: {uri!r}")
-    if parts.netloc not in ("", "localhost"):
-        raise InvalidArgument(f"file:// URI must not name a host: {uri!r}")
-    path = urllib.parse.unquote(parts.path)
-    if not path.startswith("/"):
-        raise InvalidArgument(f"file:// URI needs an absolute path: {uri!r}")
-    return os.path.realpath(path)
+    """The absolute, normalised path of a file URI (no `..`); raises InvalidArgument."""
+    return uripolicy.file_path(uri)
 
 
 class FileClient:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, roots: uripolicy.FileRoots | None = None,
+                 allow_hard_links: bool = False) -> None:
         self.max_bytes = max_bytes
+        self.roots = roots or uripolicy.FileRoots(setting="MESH_RUNTIME_FILE_ROOTS")
+        self.allow_hard_links = allow_hard_links
 
-    async def pull(self, uri: str, target: str, reserve: Reserve | None = None) -> None:
-        source = local_path(uri)
-        size = await asyncio.to_thread(self._check, uri, source)
-        if reserve is not None:
-            await reserve(size)
-        await asyncio.to_thread(self._copy, uri, source, target, size)
-
-    def _check(self, uri: str, source: str) -> int:
+    async def pull(self, uri: str, target: str, reserve: Reserve | None = None, auth: Auth | None = None) -> None:
+        path = local_path(uri)
+        fd, size = await asyncio.to_thread(self.open, uri, path)
         try:
-            info = os.stat(source)
+            if reserve is not None:
+                await reserve(size)
+            await asyncio.to_thread(self._copy, uri, fd, target, size)
+        finally:
+            os.close(fd)
+
+    def open(self, uri: str, path: str) -> tuple[int, int]:
+        """(fd, size) of the artifact, opened inside its root; raises PermissionDenied or
+        LoadFailed before a byte is read."""
+        found = self.roots.containing(path)
+        if found is None:
+            raise self.roots.refuse(uri)
+        root, names = found
+        if not names:
+            raise LoadFailed(f"artifact {uripolicy.show(uri)} is not a regular file")
+        try:
+            folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise LoadFailed(f"cannot read artifact {uripolicy.show(uri)}: its file root is not readable "
+                             "on this pod") from None
+        try:
+            for name in names[:-1]:
+                below = self._openat(uri, folder, name, _DIR)
+                os.close(folder)
+                folder = below
+            fd = self._openat(uri, folder, names[-1], _FILE)
+        finally:
+            os.close(folder)
+        try:
+            size = self._check(uri, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, size
+
+    def _openat(self, uri: str, folder: int, name: str, flags: int) -> int:
+        try:
+            return os.open(name, flags, dir_fd=folder)
         except OSError as exc:
-            raise LoadFailed(f"cannot read artifact {uri}: {exc.strerror}") from exc
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK) and _is_link(folder, name):
+                raise PermissionDenied(
+                    f"storage_uri {uripolicy.show(uri)} refused: its path goes through a symbolic "
+                    "link; file artifacts are opened only through real folders under the file roots") from None
+            if exc.errno == errno.ENOENT:
+                raise LoadFailed(f"cannot read artifact {uripolicy.show(uri)}: no such file") from None
+            if exc.errno == errno.ENOTDIR:
+                raise LoadFailed(f"cannot read artifact {uripolicy.show(uri)}: a folder on its path "
+                                 "is a file") from None
+            raise LoadFailed(f"cannot read artifact {uripolicy.show(uri)}: {exc.strerror}") from None
+
+    def _check(self, uri: str, info: os.stat_result) -> int:
+        shown = uripolicy.show(uri)
         if not stat.S_ISREG(info.st_mode):
-            raise LoadFailed(f"artifact {uri} is not a regular file")
+            raise LoadFailed(f"artifact {shown} is not a regular file")
+        if info.st_nlink > 1 and not self.allow_hard_links:
+            raise PermissionDenied(
+                f"storage_uri {shown} refused: the file has {info.st_nlink} hard links (another "
+                "link may lie outside the file roots); copy it instead, or the operator sets "
+                "MESH_RUNTIME_ALLOW_HARD_LINKS")
+        if info.st_size == 0:
+            raise LoadFailed(f"artifact {shown} is empty")
         if info.st_size > self.max_bytes:
             raise LoadFailed(
-                f"artifact {uri} is {info.st_size} bytes, over the limit of {self.max_bytes} "
+                f"artifact {shown} is {info.st_size} bytes, over the limit of {self.max_bytes} "
                 "(MESH_RUNTIME_MAX_ARTIFACT_BYTES)"
             )
         return info.st_size
 
-    def _copy(self, uri: str, source: str, target: str, size: int) -> None:
+    def _copy(self, uri: str, source: int, target: str, size: int) -> None:
+        written = 0
         try:
-            shutil.copyfile(source, target)
+            out = open_target(target)
+            try:
+                while chunk := os.read(source, _CHUNK):
+                    if written + len(chunk) > self.max_bytes:  # it grew since fstat
+                        raise LoadFailed(f"artifact {uripolicy.show(uri)} is over the limit of "
+                                         f"{self.max_bytes} bytes (MESH_RUNTIME_MAX_ARTIFACT_BYTES)")
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(out, view)
+                        view = view[n:]
+                        written += n
+            finally:
+                os.close(out)
         except OSError as exc:
             if is_disk_full(exc):
-                raise DiskFull(_size_of(target), size) from exc
-            raise LoadFailed(f"cannot copy artifact {uri}: {exc.strerror}") from exc
+                raise DiskFull(written, size) from exc
+            raise LoadFailed(f"cannot copy artifact {uripolicy.show(uri)}: {exc.strerror}") from exc
 
 
-def _size_of(path: str) -> int:
+def _is_link(folder: int, name: str) -> bool:
     try:
-        return os.stat(path).st_size
+        return stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode)
     except OSError:
-        return 0
+        return False
 
 
 class FileProvider:
-    def __init__(self, max_bytes: int) -> None:
-        self._client = FileClient(max_bytes)
+    def __init__(self, max_bytes: int, roots: uripolicy.FileRoots | None = None,
+                 allow_hard_links: bool = False) -> None:
+        self._client = FileClient(max_bytes, roots, allow_hard_links)
 
     def client(self, uri: str) -> FileClient:
         return self._client

@@ -14,6 +14,10 @@ from mesh.cli.local import LocalMesh
 
 
 def start_mesh(base: pathlib.Path, etcd: str, **kwargs: object) -> LocalMesh:
+    """A mesh whose routers admit callers without a token (these tests' tritonclient clients
+    send none), unless `allow_anonymous=False` is passed; tests/integration/test_auth.py tests
+    authentication itself."""
+    kwargs.setdefault("allow_anonymous", True)
     root = f"/e2e-{uuid.uuid4().hex[:10]}"
     mesh = LocalMesh(state_dir=base / root.strip("/"), etcd=etcd, root=root, lease_ttl_s=3, **kwargs)  # type: ignore[arg-type]
     return mesh.start(timeout=90)

@@ -16,18 +16,22 @@ from mesh.cli import procs
 pytestmark = pytest.mark.integration
 
 
-def mesh_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def mesh_cmd(*args: str, timeout: float = 90, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mesh.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_path: pathlib.Path,
-                                                     mesh_root: str) -> None:
+                                                     mesh_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     port = procs.free_port()
+    # The client commands below find the admin token where `mesh up` wrote it, as its banner says.
+    monkeypatch.setenv("MESH_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
     env = {**os.environ, "MESH_ROOT": mesh_root, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "mesh.cli.main", "up", "--etcd", etcd_endpoint, "--state-dir", str(tmp_path),
-         "--port", str(port), "--capacity", "64MiB", "--routers", "2", "--placements", "2"],
+         "--port", str(port), "--capacity", "64MiB", "--routers", "2", "--placements", "2",
+         "--file-root", str(tmp_path / "mine")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     out: list[str] = []
@@ -45,6 +49,11 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
         assert "meshserve is up" in text, text
         assert f"mesh infer demo-linear-a --router 127.0.0.1:{port}" in text
         router = f"127.0.0.1:{port}"
+        assert f"admin token in {tmp_path / 'token'} (mode 0600)" in text, text
+        assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+        no_token = {**os.environ, "MESH_TOKEN_FILE": str(tmp_path / "absent")}
+        refused = mesh_cmd("list", "--router", router, env=no_token)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
         # --routers 2: every router's address is printed, and each one serves every model.
         routers_line = next(x for x in out if x.startswith("routers (any of them serves every model): "))
         routers = routers_line.split(": ", 1)[1].strip().split(", ")
@@ -64,10 +73,14 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
         status = mesh_cmd("status", "demo-linear-a", "--router", router)
         assert status.returncode == 0 and "MODEL_LOADED" in status.stdout, status.stdout
 
-        model = tmp_path / "mine.onnx"
         from mesh import demo
 
-        demo.save(demo.linear_model(11), model)
+        outside = demo.save(demo.linear_model(11), tmp_path / "outside.onnx")
+        refused = mesh_cmd("register", "outside", str(outside), "--router", router)
+        assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr, refused.stderr
+        assert "--file-root" in refused.stderr and str(tmp_path) not in refused.stderr.split("refused:")[1]
+        (tmp_path / "mine").mkdir()
+        model = demo.save(demo.linear_model(11), tmp_path / "mine" / "mine.onnx")  # under --file-root
         reg = mesh_cmd("register", "mine", str(model), "--router", router, "--label", "team=a",
                        "--max-copies", "2", "--max-batch-size", "8", "--max-queue-delay-us", "100")
         assert reg.returncode == 0, reg.stderr
@@ -84,6 +97,23 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
         assert mesh_cmd("unregister", "mine", "--router", router).returncode == 0
         gone = mesh_cmd("status", "mine", "--router", router)
         assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
+
+        # Tokens: create one for a tenant (printed once), list (no secret), use it, revoke it.
+        # The default tenant's (the demo models'): a tenant token reaches its own tenant's models.
+        made = mesh_cmd("token", "create", "--name", "ci", "--expires", "30d", "--router", router)
+        assert made.returncode == 0, made.stderr
+        secret = made.stdout.strip()
+        assert secret.startswith("msh_") and "shown only this once" in made.stderr
+        listed = mesh_cmd("token", "list", "--router", router)
+        assert listed.returncode == 0 and "\nci " in listed.stdout and " tenant " in listed.stdout, listed.stdout
+        assert secret not in listed.stdout and "bootstrap-admin" in listed.stdout
+        as_tenant = {**os.environ, "MESH_TOKEN": secret}
+        assert mesh_cmd("infer", "demo-linear-a", "--router", router, env=as_tenant).returncode == 0
+        denied = mesh_cmd("token", "list", "--router", router, env=as_tenant)
+        assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr, denied.stderr
+        assert mesh_cmd("token", "revoke", "ci", "--router", router).returncode == 0
+        after = mesh_cmd("list", "--router", router, env=as_tenant)
+        assert after.returncode == 1 and "UNAUTHENTICATED" in after.stderr, after.stderr
     finally:
         os.killpg(up.pid, signal.SIGINT)
         try:

@@ -4,7 +4,6 @@ real etcd that requires client certificates."""
 from __future__ import annotations
 
 import pathlib
-import subprocess
 
 import pytest
 
@@ -12,30 +11,13 @@ from mesh.cli import procs
 from mesh.errors import Unavailable
 from mesh.kv.etcd import EtcdClient
 from mesh.settings import CommonSettings
+from tests.pki import make_pki
 
 pytestmark = pytest.mark.integration
 
 
-def _openssl(*args: str, cwd: pathlib.Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_pki(d: pathlib.Path) -> dict[str, pathlib.Path]:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "1", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=d)
-    return {name: d / file for name, file in
-            (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"),
-             ("client_cert", "client.pem"), ("client_key", "client.key"))}
-
-
 async def test_mutual_tls_to_etcd(tmp_path: pathlib.Path) -> None:
-    pki = _make_pki(tmp_path)
+    pki = make_pki(tmp_path)
     port = procs.free_port()
     proc = procs.start_etcd(tmp_path / "data", port, procs.free_port(), tmp_path / "etcd.log", tls=pki)
     try:

@@ -98,6 +98,8 @@ def drain_mesh(etcd_endpoint: str, tmp_path: pathlib.Path) -> Iterator:
     mesh = start_mesh(tmp_path / "mesh", etcd_endpoint, pods=1, capacity="256MiB", env={
         "MESH_ROUTER_DRAIN_SETTLE_S": str(SETTLE_S), "MESH_ROUTER_DRAIN_GRACE_S": "60",
         "MESH_ROUTER_DEFAULT_DEADLINE_S": "90", "MESH_RUNTIME_DOWNLOAD_TIMEOUT_S": "90",
+        # the slow artifact server is on loopback, which storage URIs may not name by default
+        "MESH_ROUTER_ALLOWED_NETWORKS": "127.0.0.1/32", "MESH_RUNTIME_ALLOWED_NETWORKS": "127.0.0.1/32",
     })
     try:
         yield mesh

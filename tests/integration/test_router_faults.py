@@ -34,7 +34,7 @@ LOADED = 2  # mesh.v1.CopyState.LOADED
 def _mesh(base: pathlib.Path, etcd: str, lease_ttl_s: int = 30, **kwargs: object) -> LocalMesh:
     root = f"/faults-{uuid.uuid4().hex[:10]}"
     mesh = LocalMesh(state_dir=base / root.strip("/"), etcd=etcd, root=root, lease_ttl_s=lease_ttl_s,
-                     capacity="256MiB", **kwargs)  # type: ignore[arg-type]
+                     capacity="256MiB", allow_anonymous=True, **kwargs)  # type: ignore[arg-type]
     return mesh.start(timeout=90)
 
 

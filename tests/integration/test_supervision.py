@@ -45,12 +45,14 @@ def _golden(model) -> np.ndarray:
 class Up:
     """`mesh up` as a user runs it, its stdout read by a thread (so it never blocks on a pipe)."""
 
-    def __init__(self, tmp: pathlib.Path, root: str) -> None:
+    def __init__(self, tmp: pathlib.Path, root: str, file_roots: tuple[pathlib.Path, ...] = ()) -> None:
         self.port, self.root = procs.free_port(), root
         env = {**os.environ, "MESH_ROOT": root, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh.cli.main", "up", "--state-dir", str(tmp), "--port", str(self.port),
-             "--lease-ttl", "3", "--placements", "2", "--capacity", "64MiB"],
+             "--lease-ttl", "3", "--placements", "2", "--capacity", "64MiB",
+             "--allow-anonymous",  # its plain tritonclient / registry calls send no token
+             *[arg for d in file_roots for arg in ("--file-root", str(d))]],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -186,7 +188,7 @@ def _kill_and_wait_restart(up: Up, name: str, pid: int, find) -> int:
 
 def test_mesh_up_restarts_killed_children_and_serves_after_each(tmp_path: pathlib.Path, mesh_root: str,
                                                                model_files) -> None:
-    up = Up(tmp_path / "state", mesh_root)
+    up = Up(tmp_path / "state", mesh_root, file_roots=(model_files["linear-5"].parent,))
     golden = _golden(demo.linear_model(1))  # demo-linear-a
     router = f"127.0.0.1:{up.port}"
     try:

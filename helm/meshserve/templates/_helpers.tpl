@@ -200,3 +200,103 @@ topologySpreadConstraints:
   protocol: TCP
 {{- end }}
 {{- end }}
+
+{{/* TLS (docs/SECURITY.md "TLS and mTLS"). Call with (dict "root" $ "component" "router"). */}}
+{{- define "meshserve.internalTlsSecret" -}}
+{{- $t := .root.Values.tls.internal }}
+{{- $s := default $t.secret (get $t.secrets .component) }}
+{{- required (printf "tls.internal.enabled needs tls.internal.secret or tls.internal.secrets.%s" .component) $s }}
+{{- end }}
+
+{{/* Whether the component's own gRPC port speaks TLS (then probes use its health port). */}}
+{{- define "meshserve.tlsPort" -}}
+{{- if eq .component "router" }}{{ if .root.Values.tls.router.secret }}true{{ end }}
+{{- else if .root.Values.tls.internal.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The port Kubernetes' grpc probes ask: the plaintext health port when the gRPC port speaks
+TLS (kubelet's grpc probes cannot), else the gRPC port. */}}
+{{- define "meshserve.probePort" -}}
+{{- if include "meshserve.tlsPort" . }}{{ get .root.Values.tls.healthPorts .component }}
+{{- else }}{{ (get .root.Values .component).port }}{{ end }}
+{{- end }}
+
+{{- define "meshserve.tlsEnv" -}}
+{{- $v := .root.Values.tls }}
+{{- $p := upper .component }}
+{{- if and (eq .component "router") $v.router.secret }}
+- name: MESH_ROUTER_TLS_CERT
+  value: /etc/meshserve/router-tls/tls.crt
+- name: MESH_ROUTER_TLS_KEY
+  value: /etc/meshserve/router-tls/tls.key
+- name: MESH_ROUTER_TLS_CLIENT_AUTH
+  value: {{ $v.router.clientAuth | quote }}
+{{- if eq $v.router.clientAuth "require" }}
+- name: MESH_ROUTER_TLS_CLIENT_CA
+  value: /etc/meshserve/router-client-ca/ca.crt
+{{- end }}
+{{- end }}
+{{- if $v.internal.enabled }}
+- name: MESH_INTERNAL_TLS_CA
+  value: /etc/meshserve/internal-tls/ca.crt
+- name: MESH_INTERNAL_TLS_CERT
+  value: /etc/meshserve/internal-tls/tls.crt
+- name: MESH_INTERNAL_TLS_KEY
+  value: /etc/meshserve/internal-tls/tls.key
+- name: MESH_INTERNAL_TLS_SERVER_NAME
+  value: {{ $v.internal.serverName | quote }}
+{{- end }}
+{{- if include "meshserve.tlsPort" . }}
+- name: MESH_{{ $p }}_HEALTH_PORT
+  value: {{ get $v.healthPorts .component | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.tlsVolumes" -}}
+{{- $v := .root.Values.tls }}
+{{- if and (eq .component "router") $v.router.secret }}
+- name: router-tls
+  secret:
+    secretName: {{ $v.router.secret }}
+    defaultMode: 0440
+{{- if eq $v.router.clientAuth "require" }}
+- name: router-client-ca
+  secret:
+    secretName: {{ required "tls.router.clientAuth: require needs tls.router.clientCaSecret (a Secret with ca.crt)" $v.router.clientCaSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- if $v.internal.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ include "meshserve.internalTlsSecret" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.tlsVolumeMounts" -}}
+{{- $v := .root.Values.tls }}
+{{- if and (eq .component "router") $v.router.secret }}
+- name: router-tls
+  mountPath: /etc/meshserve/router-tls
+  readOnly: true
+{{- if eq $v.router.clientAuth "require" }}
+- name: router-client-ca
+  mountPath: /etc/meshserve/router-client-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if $v.internal.enabled }}
+- name: internal-tls
+  mountPath: /etc/meshserve/internal-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "meshserve.healthContainerPort" -}}
+{{- if include "meshserve.tlsPort" . }}
+- name: health
+  containerPort: {{ get .root.Values.tls.healthPorts .component }}
+  protocol: TCP
+{{- end }}
+{{- end }}

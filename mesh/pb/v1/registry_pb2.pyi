@@ -58,3 +58,63 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelStatus]
     next_page_token: str
     def __init__(self, models: _Optional[_Iterable[_Union[_types_pb2.ModelStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class TenantSpec(_message.Message):
+    __slots__ = ("tenant", "max_models", "memory_reserved_bytes", "memory_cap_bytes", "max_requests_per_s", "max_in_flight")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    max_models: int
+    memory_reserved_bytes: int
+    memory_cap_bytes: int
+    max_requests_per_s: float
+    max_in_flight: int
+    def __init__(self, tenant: _Optional[str] = ..., max_models: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ..., memory_cap_bytes: _Optional[int] = ..., max_requests_per_s: _Optional[float] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+
+class TenantStatus(_message.Message):
+    __slots__ = ("spec", "defaults", "registered_models")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    spec: TenantSpec
+    defaults: bool
+    registered_models: int
+    def __init__(self, spec: _Optional[_Union[TenantSpec, _Mapping]] = ..., defaults: _Optional[bool] = ..., registered_models: _Optional[int] = ...) -> None: ...
+
+class SetTenantRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: TenantSpec
+    def __init__(self, spec: _Optional[_Union[TenantSpec, _Mapping]] = ...) -> None: ...
+
+class GetTenantRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTenantsResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantStatus]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantStatus, _Mapping]]] = ...) -> None: ...
+
+class DeleteTenantRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class DeleteTenantResponse(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...

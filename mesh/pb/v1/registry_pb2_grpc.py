@@ -56,6 +56,26 @@ class ModelRegistryStub:
                 request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.SetTenant = channel.unary_unary(
+                '/mesh.v1.ModelRegistry/SetTenant',
+                request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.SetTenantRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.TenantStatus.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/mesh.v1.ModelRegistry/GetTenant',
+                request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.TenantStatus.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/mesh.v1.ModelRegistry/ListTenants',
+                request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTenant = channel.unary_unary(
+                '/mesh.v1.ModelRegistry/DeleteTenant',
+                request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.DeleteTenantResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -89,6 +109,35 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenant(self, request, context):
+        """Tenant quotas (admin scope; PERMISSION_DENIED otherwise). Sets a tenant's quotas,
+        replacing what it had; INVALID_ARGUMENT on a bad name or value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """The quotas in force for a tenant: its own, or the router's defaults when it has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Every tenant with quotas set or a model registered, ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTenant(self, request, context):
+        """Removes a tenant's quotas (the defaults apply again); its models stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +160,26 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenant,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.SetTenantRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.TenantStatus.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.GetTenantRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.TenantStatus.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListTenantsRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.DeleteTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +290,114 @@ class ModelRegistry:
             '/mesh.v1.ModelRegistry/ListModels',
             mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
             mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.ModelRegistry/SetTenant',
+            mesh_dot_pb_dot_v1_dot_registry__pb2.SetTenantRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_registry__pb2.TenantStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.ModelRegistry/GetTenant',
+            mesh_dot_pb_dot_v1_dot_registry__pb2.GetTenantRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_registry__pb2.TenantStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.ModelRegistry/ListTenants',
+            mesh_dot_pb_dot_v1_dot_registry__pb2.ListTenantsRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_registry__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.ModelRegistry/DeleteTenant',
+            mesh_dot_pb_dot_v1_dot_registry__pb2.DeleteTenantRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_registry__pb2.DeleteTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

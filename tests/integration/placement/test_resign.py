@@ -38,7 +38,7 @@ def test_sigterm_leader_resigns_and_the_standby_leads_at_once(
     etcd_endpoint: str, mesh_root: str, tmp_path: pathlib.Path
 ) -> None:
     mesh = LocalMesh(state_dir=tmp_path / "mesh", etcd=etcd_endpoint, root=mesh_root, pods=1,
-                     capacity="64MiB", lease_ttl_s=TTL_S, placements=2).start(timeout=90)
+                     capacity="64MiB", lease_ttl_s=TTL_S, placements=2, allow_anonymous=True).start(timeout=90)
     keys = Keys(mesh_root)
 
     async def measure() -> tuple[str, str, float, float]:

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import uuid
 
 from mesh.cli import procs
@@ -40,6 +41,7 @@ def start_runtime(etcd_endpoint: str, base: pathlib.Path, lease_ttl_s: int, **se
         "MESH_RUNTIME_INSTANCE_ID": name,
         "MESH_RUNTIME_CACHE_DIR": str(folder / "cache"),
         "MESH_RUNTIME_USE_GPU": "never",
+        "MESH_RUNTIME_FILE_ROOTS": os.path.realpath(tempfile.gettempdir()),  # the tests' models
         "PYTHONUNBUFFERED": "1",
         **{f"MESH_RUNTIME_{k.upper()}": v for k, v in settings.items()},
     }

@@ -50,6 +50,7 @@ def pod(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "MESH_RUNTIME_INSTANCE_ID": POD,
         "MESH_RUNTIME_CACHE_DIR": str(folder / "cache"),
         "MESH_RUNTIME_USE_GPU": "never",
+        "MESH_RUNTIME_FILE_ROOTS": str(folder),  # the tests' models are written there
         "PYTHONUNBUFFERED": "1",
     }
     with open(folder / "runtime.log", "wb") as log:
@@ -163,7 +164,7 @@ async def test_unknown_model_is_unavailable(pod: Pod, infer: Callable[..., objec
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await infer(raw_request("ghost", np.ones((1, 4), np.float32)))  # type: ignore[misc]
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "ghost is not loaded on this pod" in err.value.details()
+    assert "'ghost' is not loaded on this pod" in err.value.details()
 
 
 async def test_stream_continues_after_error_and_usage_counts(pod: Pod, etcd: EtcdClient) -> None:
@@ -193,7 +194,8 @@ async def test_corrupt_artifact_fails_and_good_model_keeps_serving(
     bad.write_bytes(os.urandom(2048))
     await assign(etcd, pod, "corrupt", bad)
     copy = await wait_state(etcd, pod, "corrupt", CopyState.FAILED)
-    assert "onnxruntime cannot load model 'corrupt'" in copy.error
+    # Random bytes fail meshserve's own protobuf check (puller/onnxcheck.py) before onnxruntime.
+    assert "cannot load model 'corrupt'" in copy.error
     stats = types.decode(ModelStats, (await etcd.get(pod.keys.stats("corrupt"))).value)  # type: ignore[union-attr]
     assert stats.last_error == copy.error
     resp = await infer(raw_request("linear", np.ones((1, 4), np.float32)))  # type: ignore[misc]

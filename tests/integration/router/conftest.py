@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -24,6 +26,7 @@ from mesh.types import CopyRecord, CopyState, InstanceRecord, LeaderRecord
 from router.main import serve
 
 V2 = "/inference.GRPCInferenceService/"
+TEMP_ROOT = os.path.realpath(tempfile.gettempdir())  # a file root: tests register artifacts there
 
 
 @dataclasses.dataclass
@@ -72,21 +75,23 @@ class Router:
 
 @pytest.fixture
 async def router(etcd_endpoint: str, mesh_root: str) -> AsyncIterator[Router]:
-    async with serve_router(etcd_endpoint, mesh_root) as r:
+    async with serve_router(etcd_endpoint, mesh_root, allow_anonymous=True) as r:
         yield r
 
 
 @pytest.fixture
 def router_with(etcd_endpoint: str, mesh_root: str) -> Callable[..., contextlib.AbstractAsyncContextManager[Router]]:
-    """`async with router_with(attempt_timeout_s=0.3) as r:` a router with settings changed."""
-    return lambda **settings: serve_router(etcd_endpoint, mesh_root, **settings)
+    """`async with router_with(attempt_timeout_s=0.3) as r:` a router with settings changed
+    (callers without a token admitted unless `allow_anonymous=False` is among them)."""
+    return lambda **settings: serve_router(etcd_endpoint, mesh_root, **{"allow_anonymous": True, **settings})
 
 
 @contextlib.asynccontextmanager
 async def serve_router(etcd_endpoint: str, mesh_root: str, **overrides: object) -> AsyncIterator[Router]:
     port = procs.free_port()
     common = CommonSettings(etcd_endpoints=etcd_endpoint, root=mesh_root)
-    settings = RouterSettings(listen=f"127.0.0.1:{port}", default_deadline_s=10, file_roots="",
+    overrides.setdefault("file_roots", f"/models,{TEMP_ROOT}")
+    settings = RouterSettings(listen=f"127.0.0.1:{port}", default_deadline_s=10,
                               **overrides)  # type: ignore[arg-type]
     metrics = Metrics(service="router")
     stop = asyncio.Event()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 import pytest
 
-from mesh import types
+from mesh import credentials, types
 from mesh.pb.v1 import registry_pb2, types_pb2
 from mesh.types import CopyState, ModelSpec
 
@@ -49,7 +52,7 @@ async def test_register_get_and_unregister(router: Router) -> None:
 async def test_duplicate_is_already_exists(router: Router) -> None:
     await _register(router, _spec("dup"))
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _register(router, _spec("dup", uri="file:///other.onnx"))
+        await _register(router, _spec("dup", uri="file:///models/other.onnx"))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "model 'dup' is already registered" in (err.value.details() or "")
 
@@ -95,26 +98,32 @@ async def test_get_unknown_is_not_found(router: Router) -> None:
     assert "nope" in (err.value.details() or "")
 
 
-async def test_list_pages_and_filters(router: Router) -> None:
-    for i in range(7):
-        await _register(router, _spec(f"m{i}", tenant="a" if i % 2 else "b", labels={"even": str(i % 2 == 0)}))
-    seen: list[str] = []
-    token = ""
-    pages = 0
-    while True:
-        page = await router.registry.ListModels(
-            registry_pb2.ListModelsRequest(page_size=3, page_token=token), timeout=10)
-        seen += [m.spec.model_id for m in page.models]
-        pages += 1
-        token = page.next_page_token
-        if not token:
-            break
-    assert seen == [f"m{i}" for i in range(7)] and pages == 3
+async def test_list_pages_and_filters(router_with: Callable[..., Any]) -> None:
+    """Paging and filters, as an admin (who sees every tenant's models, by the mesh's ids
+    "<tenant>:<id>"; tenants' own views: tests/integration/test_tenancy.py)."""
+    token = credentials.new_token()
+    admin = credentials.metadata(token)
+    async with router_with(admin_token_sha256=credentials.digest(token)) as router:
+        for i in range(7):
+            spec = _spec(f"m{i}", tenant="a" if i % 2 else "b", labels={"even": str(i % 2 == 0)})
+            await router.registry.RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), metadata=admin, timeout=10)
+        seen: list[str] = []
+        page_token = ""
+        pages = 0
+        while True:
+            page = await router.registry.ListModels(
+                registry_pb2.ListModelsRequest(page_size=3, page_token=page_token), metadata=admin, timeout=10)
+            seen += [m.spec.model_id for m in page.models]
+            pages += 1
+            page_token = page.next_page_token
+            if not page_token:
+                break
+        assert seen == sorted(f"{'a' if i % 2 else 'b'}:m{i}" for i in range(7)) and pages == 3
 
-    tenant_a = await router.registry.ListModels(registry_pb2.ListModelsRequest(tenant="a"), timeout=10)
-    assert [m.spec.model_id for m in tenant_a.models] == ["m1", "m3", "m5"]
-    assert tenant_a.next_page_token == ""
+        tenant_a = await router.registry.ListModels(registry_pb2.ListModelsRequest(tenant="a"), metadata=admin, timeout=10)
+        assert [m.spec.model_id for m in tenant_a.models] == ["a:m1", "a:m3", "a:m5"]
+        assert tenant_a.next_page_token == ""
 
-    labelled = await router.registry.ListModels(
-        registry_pb2.ListModelsRequest(tenant="b", label_selector={"even": "True"}), timeout=10)
-    assert [m.spec.model_id for m in labelled.models] == ["m0", "m2", "m4", "m6"]
+        labelled = await router.registry.ListModels(
+            registry_pb2.ListModelsRequest(tenant="b", label_selector={"even": "True"}), metadata=admin, timeout=10)
+        assert [m.spec.model_id for m in labelled.models] == ["b:m0", "b:m2", "b:m4", "b:m6"]

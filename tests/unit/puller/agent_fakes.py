@@ -183,8 +183,9 @@ class FakeCache:
         self.gate.set()
         self.fail: Exception | None = None
         self.pulls = 0
+        self.discarded: list[str] = []
 
-    async def acquire(self, uri: str, sha256: str = "") -> Artifact:
+    async def acquire(self, uri: str, sha256: str = "", tenant: str = "", credentials_ref: str = "") -> Artifact:
         key = uri.rsplit("/", 1)[-1]
         self.pins[key] += 1
         try:
@@ -196,6 +197,11 @@ class FakeCache:
         except BaseException:
             self.release(key)
             raise
+
+    def discard(self, key: str) -> None:
+        """A load of `key` failed (the real cache deletes the artifact)."""
+        assert self.pins[key] > 0, f"{key} discarded without a pin"
+        self.discarded.append(key)
 
     def release(self, key: str) -> None:
         self.pins[key] -= 1
@@ -215,14 +221,16 @@ class FakeExecutor:
     loads: list[str] = dataclasses.field(default_factory=list)
     batches: list[int] = dataclasses.field(default_factory=list)
     finished: list[str] = dataclasses.field(default_factory=list)
+    digests: list[str] = dataclasses.field(default_factory=list)
     on_resize: object = None
 
     def __post_init__(self) -> None:
         self.gate.set()
 
-    async def load(self, model_id: str, path: str, batch: int = 0) -> LoadedModel:
+    async def load(self, model_id: str, path: str, batch: int = 0, sha256: str = "") -> LoadedModel:
         self.loads.append(model_id)
         self.batches.append(batch)
+        self.digests.append(sha256)  # the sandbox's verdict key (puller/sandbox.py)
         await self.gate.wait()
         self.finished.append(model_id)
         if self.fail is not None:

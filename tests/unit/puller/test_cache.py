@@ -9,14 +9,16 @@ import hashlib
 import os
 import pathlib
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from mesh.errors import LoadFailed
 from mesh.metrics import Metrics
+from mesh.uripolicy import FileRoots
 from puller.cache import ArtifactCache, Disk, cache_key
-from puller.storage import Reserve
+from puller.storage import Auth, Reserve
 from puller.storage.file import FileClient
 
 
@@ -25,15 +27,16 @@ class CountingProvider:
 
     def __init__(self) -> None:
         self.pulls = 0
-        self._client = FileClient(10**9)
+        # pytest's temporary folders (artifacts and tmpfs mounts) are all under it
+        self._client = FileClient(10**9, FileRoots.parse(tempfile.gettempdir(), "MESH_RUNTIME_FILE_ROOTS"))
 
     def client(self, uri: str) -> CountingProvider:
         return self
 
-    async def pull(self, uri: str, target: str, reserve: Reserve | None = None) -> None:
+    async def pull(self, uri: str, target: str, reserve: Reserve | None = None, auth: Auth | None = None) -> None:
         self.pulls += 1
         await asyncio.sleep(0.01)
-        await self._client.pull(uri, target, reserve)
+        await self._client.pull(uri, target, reserve, auth)
 
 
 def artifact(tmp_path: pathlib.Path, name: str, size: int = 100) -> str:
@@ -159,7 +162,7 @@ class FullDiskProvider:
     def client(self, uri: str) -> FullDiskProvider:
         return self
 
-    async def pull(self, uri: str, target: str, reserve: Reserve | None = None) -> None:
+    async def pull(self, uri: str, target: str, reserve: Reserve | None = None, auth: Auth | None = None) -> None:
         self.pulls += 1
         data = await asyncio.to_thread(pathlib.Path(uri.removeprefix("file://")).read_bytes)
         if self.tell_size and reserve is not None:

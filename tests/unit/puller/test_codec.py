@@ -213,3 +213,42 @@ def test_typed_value_out_of_range() -> None:
     req = tpb.ModelInferRequest()
     req.inputs.add(name="x", datatype="UINT8", shape=[1, 3]).contents.uint_contents.extend([1, 2, 300])
     _err(req, spec("UINT8"), "do not fit UINT8")
+
+
+# -- regressions found by fuzzing (tests/fuzz, bench/fuzz) -----------------------------------------
+
+
+def test_zero_sized_tensor_with_a_huge_dimension_is_invalid_argument() -> None:
+    """Bug: shape [0, 2**62] has 0 elements, so the element-count check passed, and numpy's
+    reshape raised ValueError ("array is too big") -> INTERNAL instead of INVALID_ARGUMENT."""
+    req = raw_request("FP32", np.zeros((0, 3), dtype=np.float32))
+    req.inputs[0].shape[:] = [0, 2**62]
+    _err(req, spec("FP32", shape=()), "too many elements")
+
+
+def test_rank_beyond_numpy_on_an_unknown_rank_input_is_invalid_argument() -> None:
+    """Bug: an input of unknown rank (an ONNX input without a shape: spec shape ()) took any
+    rank, and numpy's reshape raised ValueError for more than 64 dimensions -> INTERNAL."""
+    req = raw_request("FP32", np.zeros((1,), dtype=np.float32))
+    req.inputs[0].shape[:] = [1] * 80
+    _err(req, spec("FP32", shape=()), "80 dimensions; at most 32")
+
+
+def test_error_messages_are_bounded_whatever_the_request_sends() -> None:
+    """Bug: errors echoed the whole shape and the whole input name, so a 30-dimension shape
+    or a 200,000-character name came back in full in the status message."""
+    req = raw_request("FP32", np.zeros((1, 3), dtype=np.float32), name="n" * 200_000)
+    with pytest.raises(InvalidArgument) as info:
+        codec.decode_inputs(req, spec("FP32"))
+    assert len(info.value.message) < 300 and "…" in info.value.message
+    req = raw_request("FP32", np.zeros((1, 3), dtype=np.float32))
+    req.inputs[0].shape[:] = [2**40] * 30
+    with pytest.raises(InvalidArgument) as info:
+        codec.decode_inputs(req, spec("FP32", shape=()))
+    assert len(info.value.message) < 300
+
+
+def test_unknown_datatype_is_quoted_and_cut() -> None:
+    req = raw_request("FP32", np.zeros((1, 3), dtype=np.float32))
+    req.inputs[0].datatype = "X" * 5000 + "\n"
+    _err(req, spec("FP32"), r"datatype 'XXXXXXXXXXXXXXXX…' but the model expects FP32")

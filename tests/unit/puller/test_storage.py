@@ -10,11 +10,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.errors import InvalidArgument, LoadFailed
+from mesh.errors import InvalidArgument, LoadFailed, PermissionDenied
 from mesh.settings import RuntimeSettings
+from mesh.uripolicy import Egress, FileRoots
 from puller.storage import DiskFull, client_for, providers
-from puller.storage.file import FileClient
-from puller.storage.http import HttpClient
+from puller.storage.file import FileClient as _FileClient
+from puller.storage.http import HttpClient as _HttpClient
+
+# The local test server is on loopback, which the egress policy refuses unless allow-listed.
+LOOPBACK = Egress.parse("127.0.0.0/8", "", "MESH_RUNTIME")
+
+
+def HttpClient(timeout_s: float, max_bytes: int) -> _HttpClient:  # noqa: N802 - stands in for the class
+    return _HttpClient(timeout_s, max_bytes, LOOPBACK)
+
+
+def FileClient(max_bytes: int, root: pathlib.Path | None = None) -> _FileClient:  # noqa: N802
+    import tempfile
+
+    return _FileClient(max_bytes, FileRoots.parse(str(root or tempfile.gettempdir()), "MESH_RUNTIME_FILE_ROOTS"))
 
 BODY = b"onnx-bytes" * 1000
 
@@ -77,13 +91,15 @@ async def test_file_rules(tmp_path: pathlib.Path) -> None:
     client = FileClient(10**6)
     src = tmp_path / "m.onnx"
     src.write_bytes(b"abc")
-    link = tmp_path / "link.onnx"
-    link.symlink_to(src)
-    await client.pull(link.as_uri(), str(tmp_path / "out"))
+    await client.pull(src.as_uri(), str(tmp_path / "out"))
     assert (tmp_path / "out").read_bytes() == b"abc"
+    link = tmp_path / "link.onnx"
+    link.symlink_to(src)  # even a symlink that stays inside the root is refused
+    with pytest.raises(PermissionDenied, match="symbolic link"):
+        await client.pull(link.as_uri(), str(tmp_path / "out2"))
     with pytest.raises(LoadFailed, match="not a regular file"):
         await client.pull(tmp_path.as_uri(), str(tmp_path / "out2"))
-    with pytest.raises(LoadFailed, match="cannot read"):
+    with pytest.raises(LoadFailed, match="no such file"):
         await client.pull((tmp_path / "missing").as_uri(), str(tmp_path / "out2"))
     with pytest.raises(InvalidArgument, match="absolute path"):
         await client.pull("file:relative/x.onnx", str(tmp_path / "out2"))

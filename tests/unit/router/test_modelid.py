@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -108,3 +109,44 @@ def test_arbitrary_bytes_never_crash(data: bytes) -> None:
         modelid.model_name(data)
     except InvalidArgument:
         pass
+
+
+# -- regressions (bad input, fuzzing) ----------------------------------------------------------
+
+
+def test_corrupt_inputs_field_after_a_valid_model_name_is_invalid_argument() -> None:
+    """Bug: the router read only the top level, forwarded a request whose `inputs` field was
+    corrupt inside, and the pod's parser answered UNKNOWN with a protobuf DecodeError text.
+    The router now checks the nested structure itself (tensor payloads skipped by length)."""
+    data = wire.string(1, "m") + wire.length_delimited(5, b"\x0a\x05ab")  # name runs past the tensor
+    with pytest.raises(DecodeError):
+        pb.ModelInferRequest.FromString(data)
+    with pytest.raises(InvalidArgument, match="ModelInferRequest"):
+        modelid.model_name(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        wire.string(1, "m") + wire.length_delimited(5, wire.length_delimited(1, b"\xff")),  # input name not UTF-8
+        wire.string(1, "m") + wire.length_delimited(5, wire.length_delimited(3, b"\x80")),  # packed shape cut
+        wire.string(1, "m") + wire.length_delimited(5, wire.length_delimited(5, wire.length_delimited(6, b"\x00" * 3))),
+        wire.string(1, "m") + wire.length_delimited(4, wire.length_delimited(2, wire.tag(3, 2) + b"\x05")),
+        wire.varint((1 << 29) << 3) + b"\x01" + wire.string(1, "m"),  # field number beyond protobuf's
+    ],
+)
+def test_nested_corruption_protobuf_refuses_is_refused_by_the_router(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        pb.ModelInferRequest.FromString(data)
+    with pytest.raises(InvalidArgument):
+        modelid.model_name(data)
+
+
+def test_oversize_id_is_refused_and_echoed_truncated() -> None:
+    """Bug: a 200,000-character model id was echoed whole into the NOT_FOUND message, until
+    the client's metadata limit tripped instead of an answer."""
+    for metadata, body in (((), _request("x" * 200_000)), ((("mm-model-id", "y" * 200_000),), _request("m"))):
+        with pytest.raises(InvalidArgument) as info:
+            modelid.resolve(metadata, body.SerializeToString())
+        assert len(info.value.message) < 200 and "…" in info.value.message
+    assert modelid.resolve((), _request("z" * 128).SerializeToString())[0] == "z" * 128

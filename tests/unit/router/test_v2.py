@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from mesh.errors import InvalidArgument
 from router import v2
 
 
@@ -48,3 +50,18 @@ def test_model_metadata_with_dynamic_dims() -> None:
 def test_name_of_requests() -> None:
     assert v2.name_of(pb.ModelReadyRequest(name="a", version="1").SerializeToString()) == "a"
     assert v2.name_of(pb.ModelMetadataRequest(name="b").SerializeToString()) == "b"
+
+
+def test_name_of_refuses_oversize_and_corrupt_names() -> None:
+    """Bug: ModelReady / ModelMetadata with a 200,000-character name came back NOT_FOUND with
+    the whole name in the message; a corrupt version field after a valid name was accepted."""
+    with pytest.raises(InvalidArgument) as info:
+        v2.name_of(pb.ModelReadyRequest(name="n" * 200_000).SerializeToString())
+    assert len(info.value.message) < 200
+    with pytest.raises(InvalidArgument):
+        v2.name_of(pb.ModelReadyRequest(name="a").SerializeToString() + b"\x12\x02\xff\xfe")
+
+
+def test_stream_error_redacts_paths() -> None:
+    data = v2.stream_error("FAILED_PRECONDITION: cannot open /tmp/x/cache/pod-1/objects/ab")
+    assert pb.ModelStreamInferResponse.FromString(data).error_message == "FAILED_PRECONDITION: cannot open <path>"

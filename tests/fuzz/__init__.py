@@ -1,0 +1,2 @@
+"""Fuzzing: Hypothesis strategies and in-process targets (short runs in CI; the long runs are
+bench/fuzz/)."""
