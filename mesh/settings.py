@@ -391,13 +391,17 @@ class RuntimeSettings(BaseSettings):
     max_redirects: int = Field(default=3, ge=0, le=10)
     """HTTP redirects one download follows at most (0: none); every hop is checked like the
     first, credentials are sent to the original origin only, and https never drops to http."""
+    tenant_storage_prefixes: str = ""
+    """Per-tenant URI prefixes as MESH_ROUTER_TENANT_STORAGE_PREFIXES (JSON tenant -> list of
+    prefixes), checked again by the pod on the URI and on every redirect hop of a download, so
+    a redirect cannot lead a tenant's fetch out of its prefixes. Empty: no per-tenant check."""
     credentials_dir: str = ""
     """Folder of fetch credentials: a ModelSpec's credentials_ref NAME of tenant T is read from
     <dir>/T/NAME (<dir>/_default/NAME for the default tenant), a file (JSON {"headers": {...}}
     or {"token": "..."}, else the whole file is a bearer token) or a mounted Secret folder with
     keys `token` and/or `headers.json`. Empty: credentials_ref is refused."""
 
-    @field_validator("file_roots", "allowed_networks")
+    @field_validator("file_roots", "allowed_networks", "tenant_storage_prefixes")
     @classmethod
     def _storage_policy(cls, value: str, info: ValidationInfo) -> str:
         from mesh import uripolicy
@@ -405,8 +409,10 @@ class RuntimeSettings(BaseSettings):
         name = f"MESH_RUNTIME_{(info.field_name or '').upper()}"
         if info.field_name == "file_roots":
             uripolicy.FileRoots.parse(value, name)
-        else:
+        elif info.field_name == "allowed_networks":
             uripolicy.Egress.parse(value, "", name)
+        else:
+            uripolicy.TenantPrefixes.parse(value, name)
         return value
 
     @field_validator("capacity", "reserve", "cache_bytes", "max_artifact_bytes", mode="before")

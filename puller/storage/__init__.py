@@ -92,8 +92,10 @@ def providers(settings: RuntimeSettings) -> dict[str, Provider]:
 
     roots = uripolicy.FileRoots.parse(settings.file_roots, "MESH_RUNTIME_FILE_ROOTS")
     egress = uripolicy.Egress.parse(settings.allowed_networks, settings.allowed_hosts, "MESH_RUNTIME")
+    prefixes = uripolicy.TenantPrefixes.parse(settings.tenant_storage_prefixes,
+                                              "MESH_RUNTIME_TENANT_STORAGE_PREFIXES")
     http = HttpProvider(settings.download_timeout_s, settings.max_artifact_bytes, egress,
-                        settings.max_redirects, Credentials(settings.credentials_dir))
+                        settings.max_redirects, Credentials(settings.credentials_dir), prefixes)
     files = FileProvider(settings.max_artifact_bytes, roots, settings.allow_hard_links)
     return {"file": files, "http": http, "https": http}
 

@@ -22,7 +22,7 @@ import urllib.parse
 import httpx
 
 from mesh import uripolicy
-from mesh.errors import LoadFailed, quote_id
+from mesh.errors import LoadFailed, PermissionDenied, quote_id
 from puller.storage import Auth, DiskFull, Reserve, is_disk_full, open_target
 from puller.storage.credentials import Credentials
 
@@ -32,7 +32,9 @@ RESOLVE_TIMEOUT_S = 10.0
 
 class HttpClient:
     def __init__(self, timeout_s: float, max_bytes: int, egress: uripolicy.Egress | None = None,
-                 max_redirects: int = 3, credentials: Credentials | None = None) -> None:
+                 max_redirects: int = 3, credentials: Credentials | None = None,
+                 prefixes: uripolicy.TenantPrefixes | None = None) -> None:
+        self.prefixes = prefixes or uripolicy.TenantPrefixes()
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.egress = egress or uripolicy.Egress(setting="MESH_RUNTIME")
@@ -45,7 +47,7 @@ class HttpClient:
         headers = await asyncio.to_thread(self.credentials.headers, auth.tenant, auth.credentials_ref)
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self._pull(uri, target, reserve, headers)
+                await self._pull(uri, target, reserve, headers, auth.tenant)
         except TimeoutError as exc:
             raise LoadFailed(
                 f"download of {shown} took longer than {self.timeout_s}s (MESH_RUNTIME_DOWNLOAD_TIMEOUT_S)"
@@ -54,13 +56,15 @@ class HttpClient:
             # One text for refused, reset, timed out, TLS failure: no port scanning through it.
             raise LoadFailed(f"download of {shown} failed: no connection or no answer from its host") from None
 
-    async def _pull(self, uri: str, target: str, reserve: Reserve | None, headers: dict[str, str]) -> None:
+    async def _pull(self, uri: str, target: str, reserve: Reserve | None, headers: dict[str, str],
+                    tenant: str) -> None:
         timeout = httpx.Timeout(self.timeout_s)
         origin = _origin(urllib.parse.urlsplit(uri))
         async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
             url = uri
             for _ in range(self.max_redirects + 1):
                 parts = self._checked(uri, url)
+                self._tenant_may_fetch(uri, url, parts, tenant)
                 address = await self._address(uri, parts)
                 sent = headers if _origin(parts) == origin else {}  # no credentials to another origin
                 request = client.build_request(
@@ -94,6 +98,15 @@ class HttpClient:
                              "URL or one with credentials")
         uripolicy.check_http_form(uri, parts._replace(fragment=""))
         return parts
+
+    def _tenant_may_fetch(self, uri: str, url: str, parts: urllib.parse.SplitResult, tenant: str) -> None:
+        """The tenant's storage prefixes, on the registered URI and on every redirect hop."""
+        try:
+            self.prefixes.check(url, parts, tenant)
+        except PermissionDenied:
+            hop = "its URI" if url == uri else "a redirect"
+            raise LoadFailed(f"download of {uripolicy.show(uri)}: {hop} leaves the storage prefixes "
+                             "this tenant may use (MESH_RUNTIME_TENANT_STORAGE_PREFIXES)") from None
 
     async def _address(self, uri: str, parts: urllib.parse.SplitResult) -> uripolicy.IP:
         """The address to connect to: every address of the host is checked, the first is used."""
@@ -190,8 +203,9 @@ def _redirect_target(uri: str, current: str, location: str) -> str:
 
 class HttpProvider:
     def __init__(self, timeout_s: float, max_bytes: int, egress: uripolicy.Egress | None = None,
-                 max_redirects: int = 3, credentials: Credentials | None = None) -> None:
-        self._client = HttpClient(timeout_s, max_bytes, egress, max_redirects, credentials)
+                 max_redirects: int = 3, credentials: Credentials | None = None,
+                 prefixes: uripolicy.TenantPrefixes | None = None) -> None:
+        self._client = HttpClient(timeout_s, max_bytes, egress, max_redirects, credentials, prefixes)
 
     def client(self, uri: str) -> HttpClient:
         return self._client

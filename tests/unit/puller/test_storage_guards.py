@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import json
 import os
 import pathlib
 import socket
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from mesh import uripolicy
 from mesh.errors import LoadFailed, PermissionDenied
-from mesh.uripolicy import Egress, FileRoots
+from mesh.uripolicy import Egress, FileRoots, TenantPrefixes
 from puller.storage import Auth
 from puller.storage.credentials import Credentials
 from puller.storage.file import FileClient
@@ -29,7 +30,7 @@ BODY = b"model-bytes" * 100
 
 class Counting:
     """An HTTP server on `host` counting every request; `/model.onnx` answers BODY, `/to?u=URL`
-    redirects to URL; `headers` records what each request carried."""
+    (also under a folder) redirects to URL; `headers` records what each request carried."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.hits = 0
@@ -40,9 +41,9 @@ class Counting:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 outer.hits += 1
                 outer.headers.append({k.lower(): v for k, v in self.headers.items()})
-                if self.path.startswith("/to?u="):
+                if "/to?u=" in self.path:  # /to?u=URL or /any/folder/to?u=URL
                     self.send_response(302)
-                    self.send_header("Location", self.path.removeprefix("/to?u="))
+                    self.send_header("Location", self.path.split("/to?u=", 1)[1])
                     self.end_headers()
                     return
                 self.send_response(200)
@@ -131,6 +132,23 @@ async def test_redirect_to_a_refused_address_is_rechecked(server: Counting, seco
         with pytest.raises(PermissionDenied):
             await client(networks="127.0.0.2/32").pull(f"{second.url}/to?u={target}", str(tmp_path / "out"))
     assert server.hits == 0 and second.hits == 3
+
+
+async def test_redirect_out_of_the_tenants_prefixes_is_refused_by_the_pod(
+        server: Counting, second: Counting, tmp_path: pathlib.Path) -> None:
+    """A tenant allowed only under <second>/acme/ is registered there; a redirect from it to
+    another host (allowed by the network policy) must not be followed: the pod re-checks the
+    tenant's prefixes on every hop, not only the router at registration."""
+    prefixes = TenantPrefixes.parse(json.dumps({"acme": [f"{second.url}/acme/"]}), "MESH_RUNTIME_TENANT_STORAGE_PREFIXES")
+    pod = HttpClient(10, 10**6, Egress.parse("127.0.0.0/8", "", "MESH_RUNTIME"), 3, Credentials(""), prefixes)
+    with pytest.raises(LoadFailed, match="a redirect leaves the storage prefixes"):
+        await pod.pull(f"{second.url}/acme/to?u={server.url}/model.onnx", str(tmp_path / "out"), auth=Auth("acme"))
+    assert server.hits == 0 and second.hits == 1
+    with pytest.raises(LoadFailed, match="its URI leaves"):  # a record written before the setting
+        await pod.pull(f"{server.url}/model.onnx", str(tmp_path / "out"), auth=Auth("acme"))
+    assert server.hits == 0
+    await pod.pull(f"{second.url}/acme/to?u={second.url}/acme/model.onnx", str(tmp_path / "out"), auth=Auth("acme"))
+    assert (tmp_path / "out").read_bytes() == BODY
 
 
 async def test_redirect_count_bounded_and_off(server: Counting, tmp_path: pathlib.Path) -> None:
