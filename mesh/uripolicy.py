@@ -65,6 +65,16 @@ def redact(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def shown_stored(uri: str) -> str:
+    """A stored URI as the API returns it: unchanged, unless it carries credentials (a record
+    written before registration refused them): then redacted, so no API returns a secret."""
+    try:
+        check_no_credentials(uri, urllib.parse.urlsplit(uri))
+    except (InvalidArgument, ValueError):
+        return redact(uri)
+    return uri
+
+
 def show(uri: str) -> str:
     """The URI as an error message quotes it: redacted and truncated."""
     return quote_id(redact(uri), 160)

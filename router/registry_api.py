@@ -7,6 +7,7 @@ import dataclasses
 
 import grpc
 
+from mesh import uripolicy
 from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 from mesh.types import CopyState, ModelSpec, TenantSpec
 from router import auth
@@ -40,7 +41,9 @@ def spec_from_pb(spec: types_pb2.ModelSpec) -> ModelSpec:
 
 
 def spec_to_pb(spec: ModelSpec) -> types_pb2.ModelSpec:
-    return types_pb2.ModelSpec(**{name: getattr(spec, name) for name in _SPEC_FIELDS}, labels=dict(spec.labels))
+    out = types_pb2.ModelSpec(**{name: getattr(spec, name) for name in _SPEC_FIELDS}, labels=dict(spec.labels))
+    out.storage_uri = uripolicy.shown_stored(spec.storage_uri)
+    return out
 
 
 def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
