@@ -32,7 +32,7 @@ from aetcd.rpc import rpc_pb2
 
 from mesh import types
 from mesh.clock import Clock, SystemClock
-from mesh.errors import DeadlineExceeded, LoadFailed, NoCapacity, Unavailable, model_not_found
+from mesh.errors import DeadlineExceeded, LoadFailed, NoCapacity, Unavailable, model_not_found, quote_id
 from mesh.kv.etcd import put_op
 from mesh.metrics import Metrics
 from mesh.settings import PlacementSettings
@@ -48,6 +48,7 @@ from placement.usage import Usage, UsageSource
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2  # the first pod, then ONE other after a failed load
+VIEW_CATCH_UP_S = 5.0  # longest wait for this view to reach the revision a router had seen
 
 
 class Fence(Protocol):
@@ -147,14 +148,23 @@ class Controller:
     # -- EnsureLoaded ---------------------------------------------------------------------------
 
     async def ensure_loaded(  # noqa: ASYNC109
-        self, model_id: str, timeout: float, exclude: frozenset[str] = frozenset()
+        self, model_id: str, timeout: float, exclude: frozenset[str] = frozenset(), min_revision: int = 0
     ) -> list[CopyRecord]:
         """Returns the ready copies of `model_id`, loading it first if none is ready.
 
         `exclude`: instances the caller could not reach (a router's failed or ejected copies):
         their copies count as not ready and no copy is placed on them, so a retry can reload
-        elsewhere while a dead pod's records linger until its lease lapses.
+        elsewhere while a dead pod's records linger until its lease lapses. `min_revision`: the
+        caller's view had reached it; a model this view lacks is NOT_FOUND only once this view
+        has caught up with it (a registration the router saw a moment ago).
         """
+        if model_id not in self.state.models and self.state.view.revision < min_revision:
+            view = self.state.view
+            try:
+                await self.state.wait_for(lambda: view.revision >= min_revision, min(timeout, VIEW_CATCH_UP_S))
+            except TimeoutError:
+                raise Unavailable(f"placement's view of etcd is behind the router's; retry "
+                                  f"(model {quote_id(model_id)})") from None
         if model_id not in self.state.models:
             raise model_not_found(model_id)
         ready = self._ready(model_id, exclude)

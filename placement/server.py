@@ -42,5 +42,5 @@ class PlacementServicer(internal_pb2_grpc.PlacementServicer):
         remaining = context.time_remaining()
         timeout = self.settings.load_timeout_s if remaining is None else remaining
         copies = await self.controller.ensure_loaded(
-            request.model_id, timeout, frozenset(request.exclude_instances))
+            request.model_id, timeout, frozenset(request.exclude_instances), request.min_revision)
         return internal_pb2.EnsureLoadedResponse(copies=[copy_status(c) for c in copies])

@@ -133,7 +133,10 @@ class MissHandler:
         had a copy first)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.load_timeout_s
-        request = internal_pb2.EnsureLoadedRequest(model_id=model_id, exclude_instances=sorted(avoid))
+        # Our view's revision: placement's view may lag behind ours (a model registered a moment
+        # ago, acknowledged once this router saw it) and must not answer NOT_FOUND meanwhile.
+        request = internal_pb2.EnsureLoadedRequest(model_id=model_id, exclude_instances=sorted(avoid),
+                                                   min_revision=self.state.view.revision)
         leaderless_since: float | None = None  # since when no leader was reachable
         failed: str | None = None  # the leader address whose last call failed
         hangs = False  # it accepts connections but never answers (paused), unlike a dead one

@@ -9,12 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EnsureLoadedRequest(_message.Message):
-    __slots__ = ("model_id", "exclude_instances")
+    __slots__ = ("model_id", "exclude_instances", "min_revision")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MIN_REVISION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     exclude_instances: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., exclude_instances: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_revision: int
+    def __init__(self, model_id: _Optional[str] = ..., exclude_instances: _Optional[_Iterable[str]] = ..., min_revision: _Optional[int] = ...) -> None: ...
 
 class EnsureLoadedResponse(_message.Message):
     __slots__ = ("copies",)

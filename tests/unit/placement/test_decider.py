@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from mesh.clock import FakeClock
+from mesh.errors import NotFound
 from mesh.metrics import Metrics
 from mesh.settings import PlacementSettings
 from mesh.types import Assignment, CopyState
@@ -266,6 +267,33 @@ async def test_own_writes_the_watch_shows_before_the_txn_answers_are_not_kept_re
         assert ctl.ledger.in_flight() == 0 and ctl.ledger.unseen() == 0
         await asyncio.wait_for(ctl.ensure_loaded("z", WAIT), 2.0)  # evicts x at once
         assert sorted(world.assignments()["a"]) == ["y", "z"]
+    finally:
+        await ctl.close()
+        await world.close()
+
+
+async def test_a_model_the_router_saw_is_not_found_only_once_placement_caught_up() -> None:
+    """Regression (seen in CI, tests/integration/test_drain.py): a registration is acknowledged
+    once the router's view shows it; the first request's miss then reached a placement whose
+    view had not caught up yet, which answered NOT_FOUND (and the router passed it on). With the
+    router's revision in the request, placement waits for its view to reach it."""
+    world = StoreWorld()
+    world.pod("a", 100)
+    ctl = await make(world)
+    Pods(world)
+    try:
+        await world.settle()
+        world.store.hold()  # this view stops seeing writes, as if its watch lagged
+        world.model("fresh", size=10)
+        router_saw = world.store.revision
+        loading = asyncio.ensure_future(ctl.ensure_loaded("fresh", WAIT, min_revision=router_saw))
+        await asyncio.sleep(0.05)
+        assert not loading.done()  # not NOT_FOUND at once: waiting for the view
+        world.store.release()
+        copies = await asyncio.wait_for(loading, WAIT)
+        assert [c.instance_id for c in copies] == ["a"]
+        with pytest.raises(NotFound, match="not registered"):  # truly absent: still NOT_FOUND
+            await ctl.ensure_loaded("never-registered", WAIT, min_revision=world.store.revision)
     finally:
         await ctl.close()
         await world.close()
