@@ -213,16 +213,22 @@ class RouterSettings(BaseSettings):
     @field_validator("file_roots", "allowed_networks", "tenant_storage_prefixes")
     @classmethod
     def _storage_policy(cls, value: str, info: ValidationInfo) -> str:
-        from mesh import uripolicy
+        return _storage_setting("MESH_ROUTER_", info.field_name or "", value)
 
-        name = f"MESH_ROUTER_{(info.field_name or '').upper()}"
-        if info.field_name == "file_roots":
-            uripolicy.FileRoots.parse(value, name)
-        elif info.field_name == "allowed_networks":
-            uripolicy.Egress.parse(value, "", name)
-        else:
-            uripolicy.TenantPrefixes.parse(value, name)
-        return value
+
+def _storage_setting(prefix: str, field: str, value: str) -> str:
+    """Parses a storage-policy setting as mesh/uripolicy.py will use it (a bad one fails at
+    start-up, naming the variable)."""
+    from mesh import uripolicy
+
+    name = f"{prefix}{field.upper()}"
+    if field == "file_roots":
+        uripolicy.FileRoots.parse(value, name)
+    elif field == "allowed_networks":
+        uripolicy.Egress.parse(value, "", name)
+    else:
+        uripolicy.TenantPrefixes.parse(value, name)
+    return value
 
 
 class PlacementSettings(BaseSettings):
@@ -404,16 +410,7 @@ class RuntimeSettings(BaseSettings):
     @field_validator("file_roots", "allowed_networks", "tenant_storage_prefixes")
     @classmethod
     def _storage_policy(cls, value: str, info: ValidationInfo) -> str:
-        from mesh import uripolicy
-
-        name = f"MESH_RUNTIME_{(info.field_name or '').upper()}"
-        if info.field_name == "file_roots":
-            uripolicy.FileRoots.parse(value, name)
-        elif info.field_name == "allowed_networks":
-            uripolicy.Egress.parse(value, "", name)
-        else:
-            uripolicy.TenantPrefixes.parse(value, name)
-        return value
+        return _storage_setting("MESH_RUNTIME_", info.field_name or "", value)
 
     @field_validator("capacity", "reserve", "cache_bytes", "max_artifact_bytes", mode="before")
     @classmethod
