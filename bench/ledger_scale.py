@@ -37,7 +37,7 @@ from mesh.settings import PlacementSettings  # noqa: E402
 from placement.controller import Controller  # noqa: E402
 from placement.decider import Place  # noqa: E402
 from placement.reconcile import Reconciler  # noqa: E402
-from tests.unit.placement.fakes import FakeUsage, World  # noqa: E402
+from tests.unit.placement.fakes import FakeUsage, World, op_changes  # noqa: E402
 
 SIZE = 300_000  # bytes per copy (about a 0.1 MB model's footprint)
 
@@ -50,13 +50,7 @@ class ApplyLeader:
         self.is_leader = True
 
     async def write(self, ops: Sequence[rpc_pb2.RequestOp], extra_compares: Sequence[rpc_pb2.Compare] = ()) -> bool:
-        changes: list[tuple[str, bytes | None]] = []
-        for op in ops:
-            if op.HasField("request_put"):
-                changes.append((op.request_put.key.decode(), op.request_put.value))
-            else:
-                changes.append((op.request_delete_range.key.decode(), None))
-        self.world.view.apply(changes)
+        self.world.view.apply(op_changes(ops))
         return True
 
 

@@ -66,6 +66,12 @@ class FakeView:
             self._changed.notify_all()
 
 
+def op_changes(ops: Sequence[rpc_pb2.RequestOp]) -> list[tuple[str, bytes | None]]:
+    """A transaction's operations as (key, value or None for a delete)."""
+    return [(op.request_put.key.decode(), op.request_put.value) if op.HasField("request_put")
+            else (op.request_delete_range.key.decode(), None) for op in ops]
+
+
 class FakeLeader:
     def __init__(self, view: FakeView) -> None:
         self.view = view
@@ -87,12 +93,7 @@ class FakeLeader:
         if not all(self._holds(c) for c in extra_compares):
             self.rejected += 1
             return False
-        changes: list[tuple[str, bytes | None]] = []
-        for op in ops:
-            if op.HasField("request_put"):
-                changes.append((op.request_put.key.decode(), op.request_put.value))
-            else:
-                changes.append((op.request_delete_range.key.decode(), None))
+        changes = op_changes(ops)
         self.writes.append(changes)
         self.view.apply(changes)
         return True
