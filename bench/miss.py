@@ -153,7 +153,8 @@ def main() -> None:
             client = triton.InferenceServerClient(mesh.router_address)
             timeline = Timeline(mesh.etcd, mesh.root)
             rounds: list[list[float]] = []
-            phases: list[tuple[float, float, float, float, float]] = []
+            phases: list[tuple[float, float, float]] = []
+            loading_seen = 0
             errors = 0
             before = mesh.scrape("router")
             for r in range(args.rounds):
@@ -169,11 +170,12 @@ def main() -> None:
                         continue
                     end = time.perf_counter()
                     lat.append((end - start) * 1000)
-                    stamps = [timeline.seen.get((f"m{i}", s)) for s in ("assigned", "LOADING", "LOADED")]
-                    if r > 0 and all(stamps):
-                        a, b, c = stamps  # type: ignore[misc]
-                        phases.append(((a - start) * 1000, (b - a) * 1000, (c - b) * 1000, (end - b) * 1000,
-                                       (end - c) * 1000))
+                    a, c = (timeline.seen.get((f"m{i}", s)) for s in ("assigned", "LOADED"))
+                    if r > 0 and a and c:
+                        phases.append(((a - start) * 1000, (c - a) * 1000, (end - c) * 1000))
+                        # A pod writes LOADING only for a load that outlasts
+                        # MESH_RUNTIME_LOADING_RECORD_HOLD_S (0: every load).
+                        loading_seen += (f"m{i}", "LOADING") in timeline.seen
                 rounds.append(lat)
             after = mesh.scrape("router")
             pod = mesh.scrape("pod-0")
@@ -181,6 +183,9 @@ def main() -> None:
             timeline.stop()
         finally:
             mesh.stop()
+            if os.environ.get("MISS_KEEP_LOGS"):
+                import shutil
+                shutil.copytree(folder / "mesh", os.environ["MISS_KEEP_LOGS"], dirs_exist_ok=True)
         base = baseline_ms(paths, 3)  # after the mesh stopped: the same idle machine
     load_avg = os.getloadavg()
 
@@ -203,9 +208,9 @@ def main() -> None:
     if phases:
         # The response may come before the LOADED record reaches etcd (placement's direct
         # Load answers as the copy serves): the last phase is then negative.
-        names = ("request -> assignment written", "assignment -> copy LOADING", "LOADING -> LOADED in etcd",
-                 "LOADING -> response", "LOADED in etcd -> response")
-        print("miss phases (medians, as seen by an etcd watch in this process):")
+        names = ("request -> assignment written", "assignment -> copy LOADED in etcd", "LOADED in etcd -> response")
+        print(f"miss phases (medians, as seen by an etcd watch in this process; {loading_seen} of "
+              f"{len(phases)} loads showed a LOADING record):")
         for k, name in enumerate(names):
             print(f"  {name:<32} {statistics.median(p[k] for p in phases):+7.1f} ms")
     print(f"miss minus onnxruntime (p50):   {statistics.median(cached) - statistics.median(base):+7.1f} ms   "

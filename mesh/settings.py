@@ -359,6 +359,11 @@ class RuntimeSettings(BaseSettings):
     unload_timeout_s: float = Field(default=10.0, gt=0, le=600)
     """Longest an unload waits for the model's in-flight requests to finish before it lets
     the session go (loads waiting for its memory wait that long at most)."""
+    loading_record_hold_s: float = Field(default=0.1, ge=0, le=10)
+    """A load's LOADING copy record is written to etcd only once the load has lasted this
+    long (0: at once). Shorter loads go straight to LOADED in one write, which keeps two watch
+    events per miss off the cores the session creation runs on; placement times a load from
+    its own assignment, so nothing waits for the LOADING record."""
     sandbox: str = Field(default="on", pattern="^(on|off)$")
     """on: the first load of each artifact (per sha256) runs in a throw-away child process
     with memory and time limits, so a model that crashes onnxruntime or allocates without

@@ -69,6 +69,7 @@ class Agent:
         metrics: Metrics,
         clock: Clock,
         unload_timeout_s: float = 10.0,
+        loading_record_hold_s: float = 0.0,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -90,7 +91,8 @@ class Agent:
         self.stopping = False
         self.slots: dict[str, ModelSlot] = {}
         self.publisher = Publisher(
-            client, keys, identity.instance_id, metrics, self.instance_record, self._lease_id, self._lease_gone
+            client, keys, identity.instance_id, metrics, self.instance_record, self._lease_id, self._lease_gone,
+            loading_hold_s=loading_record_hold_s,
         )
         self._room = asyncio.Condition()
         self._changed = asyncio.Event()  # a slot went or the assignments changed (drain waits)

@@ -44,6 +44,7 @@ import numpy as np
 from mesh.errors import DeadlineExceeded
 from mesh.metrics import Metrics
 from puller.executor import Executor, LoadedModel
+from puller.stats import Execution, Timing
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 class Runner(Protocol):
     """What a Batcher needs of puller.executor.Executor (tests pass a fake)."""
 
-    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]: ...
+    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str],
+                  execution: Execution | None = None) -> list[np.ndarray]: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,6 +63,7 @@ class _Pending:
     future: asyncio.Future[list[np.ndarray]]
     arrived: float  # loop.time()
     deadline: float | None = None  # loop.time() after which the caller no longer waits
+    timing: Timing | None = None  # told of the run that served it (puller/stats.py)
 
 
 @dataclasses.dataclass(eq=False)
@@ -127,10 +130,12 @@ class Batcher:
         return self._in_flight
 
     async def run(
-        self, feeds: dict[str, np.ndarray], outputs: list[str], deadline: float | None = None
+        self, feeds: dict[str, np.ndarray], outputs: list[str], deadline: float | None = None,
+        timing: Timing | None = None,
     ) -> list[np.ndarray]:
         """Runs one request's feeds, batched with compatible ones when possible. `deadline`
-        (loop.time(); None: none): still queued then, the request is not run."""
+        (loop.time(); None: none): still queued then, the request is not run. `timing` is
+        told of the run (the batch's) that served the request."""
         loop = asyncio.get_running_loop()
         found = group_key(feeds, outputs)
         if found is None or found[1] >= self.max_batch_size:
@@ -141,7 +146,7 @@ class Batcher:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(outputs)
-        pending = _Pending(feeds, rows, loop.create_future(), loop.time(), deadline)
+        pending = _Pending(feeds, rows, loop.create_future(), loop.time(), deadline, timing)
         group.pending.append(pending)
         group.rows += rows
         if not self._scheduled:
@@ -230,8 +235,9 @@ class Batcher:
     async def _run_together(self, batch: list[_Pending], outputs: list[str]) -> None:
         feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in batch[0].feeds}
         total = sum(p.rows for p in batch)
+        execution = Execution(rows=total)
         try:
-            arrays = await self.executor.run(self.model, feeds, outputs)
+            arrays = await self.executor.run(self.model, feeds, outputs, execution)
         except Exception as exc:
             log.info("batched run of %s failed (%s); running its %d requests alone", self.model.model_id, exc, len(batch))
             await asyncio.gather(*(self._run_alone(p, outputs) for p in batch))
@@ -243,13 +249,19 @@ class Batcher:
         offset = 0
         for p in batch:
             end = offset + p.rows
+            if p.timing is not None:
+                p.timing.execution = execution
             if not p.future.done():
                 p.future.set_result([a[offset:end] for a in arrays])
             offset = end
 
     async def _run_alone(self, p: _Pending, outputs: list[str]) -> None:
+        first = next(iter(p.feeds.values()), None)  # p.rows is the full batch for an ungroupable one
+        execution = Execution(rows=int(first.shape[0]) if first is not None and first.ndim else 1)
+        if p.timing is not None:
+            p.timing.execution = execution
         try:
-            result = await self.executor.run(self.model, p.feeds, outputs)
+            result = await self.executor.run(self.model, p.feeds, outputs, execution)
         except Exception as exc:
             if not p.future.done():
                 p.future.set_exception(exc)

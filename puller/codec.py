@@ -4,7 +4,8 @@ Requests are read by attribute (`.inputs`, `.raw_input_contents`, each input's `
 `.datatype`, `.shape`, `.contents.<field>_contents`), so any message with the V2 field names
 works: ours in the server, tritonclient's in unit tests. Every rejection is an
 InvalidArgument saying what was wrong and what was expected. Raw contents are decoded with
-np.frombuffer (a view of the request bytes, no copy).
+np.frombuffer (a view of the request bytes, no copy). Outputs always go in
+raw_output_contents, whatever the request used, as Triton answers (clients index that list).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _names(names: Any) -> str:
 @dataclasses.dataclass(frozen=True)
 class Decoded:
     feeds: dict[str, np.ndarray]
-    raw: bool  # the request used raw_input_contents: answer with raw_output_contents
+    raw: bool  # the request used raw_input_contents (the response always does)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,7 @@ class EncodedOutput:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes | None = None  # set when the response uses raw_output_contents
-    field: str | None = None  # else the typed contents field ...
-    values: list[Any] | None = None  # ... and its values
+    raw: bytes  # the tensor's raw_output_contents entry
 
 
 def element_count(name: str, shape: Sequence[int]) -> int:
@@ -160,10 +159,23 @@ def _has_typed(tensor: Any) -> bool:
     return tensor.HasField("contents") and any(len(getattr(tensor.contents, f)) for f in CONTENT_FIELDS)
 
 
+def _check_contents(request: Any) -> None:
+    """Raw and typed contents in one request are refused, as Triton does (and with its words:
+    "contents field must not be specified when using raw_input_contents for 'x' for model 'm'")."""
+    for tensor in request.inputs:
+        if _has_typed(tensor):
+            raise InvalidArgument(
+                f"contents field must not be specified when using raw_input_contents for "
+                f"{quote_id(tensor.name)} for model {quote_id(request.model_name)}"
+            )
+
+
 def decode_inputs(request: Any, specs: Mapping[str, TensorSpec]) -> Decoded:
     """Validates a ModelInferRequest against the model's inputs and returns numpy feeds."""
     raw_contents = request.raw_input_contents
     raw = len(raw_contents) > 0
+    if raw:
+        _check_contents(request)
     if raw and len(raw_contents) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw_contents)} entries but the request has "
@@ -186,11 +198,6 @@ def decode_inputs(request: Any, specs: Mapping[str, TensorSpec]) -> Decoded:
         count = element_count(tensor.name, shape)
         _check_shape(spec, shape)
         if raw:
-            if _has_typed(tensor):
-                raise InvalidArgument(
-                    f"input {quote_id(tensor.name)} has typed contents but the request uses raw_input_contents; "
-                    "use one or the other"
-                )
             feeds[tensor.name] = _from_raw(spec, raw_contents[index], shape, count)
         else:
             feeds[tensor.name] = _from_typed(spec, tensor.contents, shape, count)
@@ -220,22 +227,14 @@ def join_bytes(items: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _as_bytes_list(arr: np.ndarray) -> list[bytes]:
-    return [x if isinstance(x, bytes) else str(x).encode() for x in arr.ravel()]
-
-
-def encode_outputs(names: Sequence[str], arrays: Sequence[np.ndarray], raw: bool) -> list[EncodedOutput]:
-    """numpy outputs -> V2 tensors; raw when asked, or when a datatype has no typed field."""
-    datatypes = [v2_of_numpy(arr.dtype) for arr in arrays]
-    raw = raw or any(V2[dt][1] is None for dt in datatypes)
+def encode_outputs(names: Sequence[str], arrays: Sequence[np.ndarray]) -> list[EncodedOutput]:
+    """numpy outputs -> V2 tensors, always raw (Triton's answer to raw and typed requests alike):
+    BYTES as 4-byte-length-prefixed elements, the rest as little-endian bytes (BF16 travels as
+    its 16-bit patterns, puller/datatypes.py)."""
     out: list[EncodedOutput] = []
-    for name, arr, datatype in zip(names, arrays, datatypes, strict=True):
+    for name, arr in zip(names, arrays, strict=True):
+        datatype = v2_of_numpy(arr.dtype)
         shape = tuple(int(d) for d in arr.shape)
-        if raw:
-            data = join_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
-            out.append(EncodedOutput(name, datatype, shape, raw=data))
-        elif datatype == "BYTES":
-            out.append(EncodedOutput(name, datatype, shape, field="bytes_contents", values=_as_bytes_list(arr)))
-        else:
-            out.append(EncodedOutput(name, datatype, shape, field=V2[datatype][1], values=arr.ravel().tolist()))
+        data = join_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+        out.append(EncodedOutput(name, datatype, shape, raw=data))
     return out

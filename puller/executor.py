@@ -44,6 +44,7 @@ from puller import gpu, onnxcheck
 from puller.datatypes import ORT_TO_V2, V2, TensorSpec
 from puller.footprint import FILE_SIZE, Footprint, Measured, probe_for
 from puller.sandbox import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S, Sandbox
+from puller.stats import Execution
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +275,21 @@ class Executor:
             return 0
         return _elements(feeds)
 
-    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str],
+                  execution: Execution | None = None) -> list[np.ndarray]:
+        """Runs in the pool; `execution` (puller/stats.py) gets the run's start and end."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._run, model, feeds, outputs)
+        return await loop.run_in_executor(self.pool, self._timed, model, feeds, outputs, execution)
+
+    def _timed(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str],
+               execution: Execution | None) -> list[np.ndarray]:
+        if execution is None:
+            return self._run(model, feeds, outputs)
+        execution.started_ns = time.perf_counter_ns()
+        try:
+            return self._run(model, feeds, outputs)
+        finally:
+            execution.ended_ns = time.perf_counter_ns()
 
     def _run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         elements = _elements(feeds)

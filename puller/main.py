@@ -91,6 +91,7 @@ async def serve(
     agent = Agent(
         client, Keys(common.root), identity, common.lease_ttl_s, cache, executor, table, metrics, clock,
         unload_timeout_s=settings.unload_timeout_s,
+        loading_record_hold_s=settings.loading_record_hold_s,
     )
     runtime.loads = agent.direct
     try:

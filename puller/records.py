@@ -8,8 +8,11 @@ The pod's own records are held here as the truth, in memory:
 
 Changing the truth only marks the record dirty; one loop (`run`) writes dirty records, each
 one at most once at a time and always with the truth as it is when the write starts, so a
-late write can never bring back a record a later change removed. A model's copy record and
-its pending stats go in one transaction (whoever sees a copy LOADED sees its size). A failed
+late write can never bring back a record a later change removed. Everything dirty goes in one
+transaction (chunked under etcd's operation limit): a model's copy record with its pending
+stats (whoever sees a copy LOADED sees its size), and a miss's victim leaving, the new copy
+and the instance record as one revision, one watch event batch per watcher. A fresh LOADING
+record waits `loading_hold_s` first: a quicker load is written as LOADED only. A failed
 write leaves the record dirty and is retried with backoff until etcd takes it; without a
 lease nothing leased is written until `mark_all` after a new grant (a write etcd refuses for
 "lease not found" tells the owner its lease is gone). An outage is logged
@@ -30,7 +33,7 @@ from aetcd.rpc import rpc_pb2
 
 from mesh import types
 from mesh.errors import LeaseNotFound
-from mesh.kv.etcd import EtcdClient, delete_op, put_op
+from mesh.kv.etcd import MAX_TXN_OPS, EtcdClient, delete_op, put_op
 from mesh.kv.keys import Keys
 from mesh.metrics import Metrics
 from mesh.types import CopyRecord, InstanceRecord, ModelStats
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 MIN_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 _INSTANCE = ""  # the dirty-set entry of the instance record (no model id is empty)
+TXN_OPS = MAX_TXN_OPS - 8  # operations per transaction, under etcd's limit
 
 
 def _reason(exc: BaseException) -> str:
@@ -56,6 +60,7 @@ class Publisher:
         instance_fn: Callable[[], InstanceRecord],
         lease_id: Callable[[], int | None],
         lease_gone: Callable[[int], None] = lambda lease_id: None,
+        loading_hold_s: float = 0.0,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -64,6 +69,8 @@ class Publisher:
         self.instance_fn = instance_fn
         self.lease_id = lease_id
         self.lease_gone = lease_gone  # etcd refused a write naming the lease: re-grant
+        self.loading_hold_s = loading_hold_s
+        self._held: dict[str, asyncio.TimerHandle] = {}  # fresh LOADING records not written yet
         self.copies: dict[str, CopyRecord] = {}
         self._stats: dict[str, ModelStats] = {}  # whole records to put
         self._patches: dict[str, dict[str, Any]] = {}  # fields to merge into the stored record
@@ -86,6 +93,7 @@ class Publisher:
     ) -> None:
         """The model's copy record is now `record` (None: there is none); `stats` replaces its
         stats record, `stats_patch` changes some fields of it (with the copy, in one txn)."""
+        previous = self.copies.get(model_id)
         if record is None:
             self.copies.pop(model_id, None)
         else:
@@ -98,7 +106,25 @@ class Publisher:
                 self._stats[model_id] = dataclasses.replace(self._stats[model_id], **stats_patch)
             else:
                 self._patches[model_id] = {**self._patches.get(model_id, {}), **stats_patch}
+        held = self._held.pop(model_id, None)
+        if held is not None:
+            held.cancel()
+            if record is None and stats is None and not stats_patch:
+                return  # a load that never showed ended: etcd never had its record
+        elif (record is not None and previous is None and record.state is types.CopyState.LOADING
+              and stats is None and not stats_patch and self.loading_hold_s > 0):
+            # A fresh LOADING record is written only if the load outlasts the hold: a load of
+            # a disk-cached model mostly ends first and goes from no record to LOADED in one
+            # write instead of two, each a watch event for every router and placement replica
+            # on the cores the session creation runs on (the miss path, docs/BENCHMARKS.md).
+            self._held[model_id] = asyncio.get_running_loop().call_later(
+                self.loading_hold_s, self._release, model_id)
+            return
         self._mark(model_id)
+
+    def _release(self, model_id: str) -> None:
+        if self._held.pop(model_id, None) is not None:
+            self._mark(model_id)
 
     def instance_changed(self) -> None:
         self._mark(_INSTANCE)
@@ -115,6 +141,9 @@ class Publisher:
         self._stats.pop(model_id, None)
         self._patches.pop(model_id, None)
         self._dirty.discard(model_id)
+        held = self._held.pop(model_id, None)
+        if held is not None:
+            held.cancel()
 
     def _mark(self, entry: str) -> None:
         self._dirty.add(entry)
@@ -155,38 +184,53 @@ class Publisher:
             self._kick.set()
 
     async def flush(self) -> bool:
-        """Writes every dirty record once, concurrently; True when etcd took them all. A record
-        changed while the flush ran is dirty again, but that is no failure: `run` writes it at
-        once (its kick is set), never after a backoff."""
+        """Writes every dirty record once, in as few transactions as etcd allows (one, but for
+        a pod re-putting hundreds of records under a new lease): one revision, one watch
+        event batch for every router and placement replica, instead of one per record. True
+        when etcd took them all. A record changed while the flush ran is dirty again, but
+        that is no failure: `run` writes it at once (its kick is set), never after a backoff."""
         lease = self.lease_id()
         if lease is None:
             return not self._dirty
         entries, self._dirty = self._dirty, set()
-        results = await asyncio.gather(*(self._write(e, lease) for e in entries), return_exceptions=True)
+        chunks: list[list[tuple[str, list[rpc_pb2.RequestOp], Callable[[], None]]]] = [[]]
+        size = 0
+        try:
+            for entry in sorted(entries):
+                ops, written = await self._ops(entry, lease)
+                if size + len(ops) > TXN_OPS and chunks[-1]:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append((entry, ops, written))
+                size += len(ops)
+        except asyncio.CancelledError:
+            self._dirty |= entries
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stats read failed: retried like a write
+            self._dirty |= entries
+            return self._failed([exc], lease)
+        results = await asyncio.gather(
+            *(self.client.txn([], [op for _, ops, _ in chunk for op in ops]) for chunk in chunks if chunk),
+            return_exceptions=True)
         failed: list[BaseException] = []
-        for entry, result in zip(entries, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
+        for chunk, result in zip((c for c in chunks if c), results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                self._dirty |= entries
+                raise result
+            for entry, _, written in chunk:
+                if isinstance(result, BaseException):
                     self._dirty.add(entry)
-                    raise result
+                    self._retrying.add(entry)
+                    continue
+                written()
+                if entry in self._retrying:
+                    self._retrying.discard(entry)
+                    self.rewrites += 1
+            if isinstance(result, BaseException):
                 failed.append(result)
-                self._dirty.add(entry)
-                self._retrying.add(entry)
-            elif entry in self._retrying:
-                self._retrying.discard(entry)
-                self.rewrites += 1
         self.metrics.unsynced_records.set(len(self._dirty))
         if failed:
-            self.metrics.record_write_failures.inc(len(failed))
-            if any(isinstance(exc, LeaseNotFound) for exc in failed):
-                self.lease_gone(lease)
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
-                log.warning(
-                    "etcd writes of this pod's records failing (%s); rewriting them until etcd takes them",
-                    _reason(failed[0]),
-                )
-            return False
+            return self._failed(failed, lease)
         if self._failing_since is not None:
             log.info(
                 "etcd writes of this pod's records succeed again after %.1fs; every record rewritten",
@@ -197,35 +241,43 @@ class Publisher:
             self._synced.set()
         return True
 
-    async def _write(self, entry: str, lease: int) -> None:
+    def _failed(self, failed: list[BaseException], lease: int) -> bool:
+        self.metrics.record_write_failures.inc(len(failed))
+        if any(isinstance(exc, LeaseNotFound) for exc in failed):
+            self.lease_gone(lease)
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning(
+                "etcd writes of this pod's records failing (%s); rewriting them until etcd takes them",
+                _reason(failed[0]),
+            )
+        return False
+
+    async def _ops(self, entry: str, lease: int) -> tuple[list[rpc_pb2.RequestOp], Callable[[], None]]:
+        """The operations writing `entry`'s record as the truth has it now, and what to call
+        once etcd took them (drops the stats that were pending unless they changed since)."""
         if entry == _INSTANCE:
             record = self.instance_fn()
-            await self.client.put(self.keys.instance(self.instance_id), types.encode(record), lease=lease)
-            return
-        await self._write_model(entry, lease)
-
-    async def _write_model(self, model_id: str, lease: int) -> None:
+            return [put_op(self.keys.instance(self.instance_id), types.encode(record), lease)], lambda: None
+        model_id = entry
         key = self.keys.copy(model_id, self.instance_id)
-        record = self.copies.get(model_id)
+        copy = self.copies.get(model_id)
         full, patch = self._stats.get(model_id), self._patches.get(model_id)
         stats = full
-        ops: list[rpc_pb2.RequestOp] = []
         if stats is None and patch is not None:
             stats = await self._merged(model_id, patch)
+        ops: list[rpc_pb2.RequestOp] = []
         if stats is not None:
             ops.append(put_op(self.keys.stats(model_id), types.encode(stats)))
-        own = delete_op(key) if record is None else put_op(key, types.encode(record), lease)
-        if ops:
-            await self.client.txn([], [*ops, own])
-        elif record is None:
-            await self.client.delete(key)
-        else:
-            await self.client.put(key, types.encode(record), lease=lease)
-        # Written: drop what was pending unless it changed while the write was in flight.
-        if full is not None and self._stats.get(model_id) is full:
-            del self._stats[model_id]
-        if patch is not None and self._patches.get(model_id) is patch:
-            del self._patches[model_id]
+        ops.append(delete_op(key) if copy is None else put_op(key, types.encode(copy), lease))
+
+        def written() -> None:
+            if full is not None and self._stats.get(model_id) is full:
+                del self._stats[model_id]
+            if patch is not None and self._patches.get(model_id) is patch:
+                del self._patches[model_id]
+
+        return ops, written
 
     async def _merged(self, model_id: str, patch: dict[str, Any]) -> ModelStats:
         """The stored stats record with `patch` applied (keeps what earlier loads measured)."""

@@ -11,6 +11,7 @@ deadlines checked before anything runs).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -30,18 +31,22 @@ from puller.admission import Admission
 from puller.datatypes import TensorSpec
 from puller.direct import DirectLoads
 from puller.executor import Executor
+from puller.stats import Execution, StatsBook, Timing
 from puller.table import ModelTable, Served
 
 SERVER_NAME = "meshserve-runtime"
+MODEL_VERSION = "1"  # the one version of every model (router/extensions.py VERSION)
 PLATFORM = process.PLATFORM
 
 
 
 class Inference(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, table: ModelTable, executor: Executor, clock: Clock, ready: asyncio.Event, admission: Admission
+        self, table: ModelTable, executor: Executor, clock: Clock, ready: asyncio.Event, admission: Admission,
+        stats: StatsBook | None = None,
     ) -> None:
         self.table = table
+        self.stats = stats or StatsBook()  # Triton's inference statistics (puller/stats.py)
         self.executor = executor
         self.clock = clock
         self.ready = ready
@@ -95,20 +100,36 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         served = self.table.get(request.model_name)
         if served is None:
             raise Unavailable(f"model {quote_id(request.model_name)} is not loaded on this pod")
+        if request.model_version not in ("", MODEL_VERSION):  # as Triton: a version it lacks
+            raise NotFound(f"Request for unknown model: {quote_id(request.model_name)} version "
+                           f"{quote_id(request.model_version, 16)} is not found (every model has version {MODEL_VERSION})")
         # Admission sheds before any decoding or queueing, and frees the slot however it ends.
         return await self.admission.run(served, remaining_s, lambda: self._run(served, request, remaining_s))
 
     async def _run(self, served: Served, request: pb.ModelInferRequest, remaining_s: float | None) -> pb.ModelInferResponse:
         model = served.model
-        decoded = codec.decode_inputs(request, model.inputs)
-        names = codec.requested_outputs(request, model.outputs)
-        if served.batcher is not None:
-            deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
-            arrays = await served.batcher.run(decoded.feeds, names, deadline)
-        else:
-            # Cancelled while queued in the pool (caller gone, deadline passed): never runs.
-            arrays = await self.executor.run(model, decoded.feeds, names)
-        return _response(request, codec.encode_outputs(names, arrays, decoded.raw))
+        arrived = time.perf_counter_ns()
+        timing = Timing()
+        try:
+            decoded = codec.decode_inputs(request, model.inputs)
+            names = codec.requested_outputs(request, model.outputs)
+            decoded_ns = time.perf_counter_ns()
+            if served.batcher is not None:
+                deadline = None if remaining_s is None else asyncio.get_running_loop().time() + remaining_s
+                arrays = await served.batcher.run(decoded.feeds, names, deadline, timing)
+            else:
+                # Cancelled while queued in the pool (caller gone, deadline passed): never runs.
+                timing.execution = Execution()
+                arrays = await self.executor.run(model, decoded.feeds, names, timing.execution)
+            response = _response(request, codec.encode_outputs(names, arrays))
+        except MeshError:
+            self.stats.failed(model.model_id, self.clock.unix_ms(), arrived, time.perf_counter_ns())
+            raise
+        first = next(iter(decoded.feeds.values()), None)
+        rows = int(first.shape[0]) if first is not None and first.ndim else 1
+        self.stats.succeeded(model.model_id, self.clock.unix_ms(), arrived, decoded_ns, time.perf_counter_ns(),
+                             timing, served.batcher is not None, rows)
+        return response
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -116,13 +137,12 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 
 
 def _response(request: pb.ModelInferRequest, outputs: list[codec.EncodedOutput]) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    """As Triton answers: the request's model name and id, the version that ran (every model
+    has one, "1"), no parameters, every output in raw_output_contents."""
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
     for out in outputs:
-        tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
-        if out.raw is not None:
-            response.raw_output_contents.append(out.raw)
-        elif out.field is not None and out.values is not None:
-            getattr(tensor.contents, out.field).extend(out.values)
+        response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        response.raw_output_contents.append(out.raw)
     return response
 
 
@@ -130,9 +150,15 @@ class Runtime(internal_pb2_grpc.RuntimeServicer):
     """mesh.v1.Runtime. `loads` is set once the agent exists (it needs the server's port);
     until then Load answers UNAVAILABLE and placement waits for the watch as before."""
 
-    def __init__(self, table: ModelTable, loads: DirectLoads | None = None) -> None:
+    def __init__(self, table: ModelTable, loads: DirectLoads | None = None, stats: StatsBook | None = None) -> None:
         self.table = table
         self.loads = loads
+        self.stats = stats or StatsBook()
+
+    async def GetInferStats(
+        self, request: internal_pb2.GetInferStatsRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.GetInferStatsResponse:
+        return internal_pb2.GetInferStatsResponse(models=self.stats.messages(list(request.model_ids)))
 
     def usage(self) -> list[internal_pb2.ModelUsage]:
         return [
@@ -192,6 +218,9 @@ def build_server(
         max_concurrent_streams=InFlightLimit(rpc_limit).backstop, tls=tls, health_port=health_port,
     )
     admission = Admission(max_queue_per_model, max_queue_per_pod, metrics, clock)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(table, executor, clock, ready, admission), server)
-    internal_pb2_grpc.add_RuntimeServicer_to_server(runtime or Runtime(table), server)
+    runtime = runtime or Runtime(table)
+    # One statistics book: Inference fills it, Runtime/GetInferStats reads it.
+    inference = Inference(table, executor, clock, ready, admission, runtime.stats)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    internal_pb2_grpc.add_RuntimeServicer_to_server(runtime, server)
     return server, port

@@ -40,7 +40,10 @@ ADMIN_SCOPE, TENANT_SCOPE, INFER_SCOPE = "admin", "tenant", "infer"
 SCOPES = (INFER_SCOPE, TENANT_SCOPE, ADMIN_SCOPE)
 # What an "infer" token may not do: change the registry (RELIABILITY.md S1: registration needs a
 # token apart from the ones inference clients hold).
-REGISTRY_WRITES = frozenset({"/mesh.v1.ModelRegistry/RegisterModel", "/mesh.v1.ModelRegistry/UnregisterModel"})
+REGISTRY_WRITES = frozenset({"/mesh.v1.ModelRegistry/RegisterModel", "/mesh.v1.ModelRegistry/UnregisterModel",
+                             # Triton's repository extension changes what is loaded (router/extensions.py).
+                             "/inference.GRPCInferenceService/RepositoryModelLoad",
+                             "/inference.GRPCInferenceService/RepositoryModelUnload"})
 _BEARER = "bearer "
 HOW_TO = ("pass a token as the gRPC metadata 'authorization: Bearer <token>' (mesh CLI: --token, "
           "MESH_TOKEN, or the token file `mesh up` writes; tritonclient: "

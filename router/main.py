@@ -35,6 +35,7 @@ from mesh.tasks import Supervisor
 from mesh.telemetry import TelemetryKeys
 from mesh.telemetry import client as redis_client
 from router import auth, tokens
+from router.extensions import Extensions
 from router.forward import Forwarder
 from router.miss import MissHandler
 from router.quota import Quotas, TenantStore
@@ -104,7 +105,9 @@ async def serve(
     # health (added by make_server) and the metrics port are not behind the guard.
     authn = auth.Authenticator.from_settings(settings, state.tokens, lambda: table.synced)
     guard = auth.Guard(authn, admin_services=[tokens.SERVICE])
-    server.add_generic_rpc_handlers([guard.generic(InferenceServicer(state, table, forwarder).handler())])
+    # Triton's extensions (router/extensions.py), shared by every front.
+    triton = Extensions(state, table, forwarder, registry, pods, placement)
+    server.add_generic_rpc_handlers([guard.generic(InferenceServicer(state, table, forwarder, triton).handler())])
     registry_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(registry, tenant_store), guard.server(server))
     tokens_pb2_grpc.add_TokenAdminServicer_to_server(
         tokens.TokenAdminServicer(client, keys, state, SystemClock(), authn.admin_digests), guard.server(server))

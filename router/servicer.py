@@ -2,18 +2,24 @@
 
 ModelInfer / ModelStreamInfer are forwarded untouched (forward.py). The control methods are
 answered from the route table and the registry, encoded by router/v2.py; ModelMetadata comes
-from the registry and the last measured ModelStats, so it never triggers a load.
+from the registry and the last measured ModelStats, so it never triggers a load. The Triton
+extensions (ModelConfig, ModelStatistics, Repository*) are router/extensions.py's, shared
+with the REST front: parsed and serialised here with the generated mesh.inference classes.
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mesh import errors, process
+from mesh.pb.inference import extensions_pb2 as ext
 from mesh.state import MeshState
-from router import tenancy, v2
+from router import extensions, tenancy, v2
+from router.extensions import Extensions
 from router.forward import Forwarder
 from router.registry import unknown_model
 from router.table import RouteTable
@@ -25,11 +31,12 @@ PLATFORM = process.PLATFORM
 
 
 class InferenceServicer:
-    def __init__(self, state: MeshState, table: RouteTable, forwarder: Forwarder) -> None:
+    def __init__(self, state: MeshState, table: RouteTable, forwarder: Forwarder, ext_: Extensions) -> None:
         self.state = state
         self.table = table
         self.forwarder = forwarder
-        self._server_metadata = v2.server_metadata_response(SERVER_NAME, process.version(), ())
+        self.extensions = ext_
+        self._server_metadata = v2.server_metadata_response(SERVER_NAME, process.version(), extensions.EXTENSIONS)
 
     async def server_live(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return v2.live_response(True)
@@ -56,26 +63,28 @@ class InferenceServicer:
         """From the registry and the last load's tensor metadata; a model never loaded is loaded
         first (as Triton and ModelMesh do), since only onnxruntime knows its tensors."""
         name, internal = self._known(request)
-        stats = self.state.stats.get(internal)
-        if stats is None or not stats.inputs:
-            deadline = asyncio.get_running_loop().time() + self.forwarder.budget(context)
-            try:
-                await self.forwarder.miss.ensure(internal, deadline)
-            except errors.MeshError as exc:
-                raise self.forwarder.namespace.renamed(exc, internal, name) from None
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self.state.wait_for(lambda: (s := self.state.stats.get(internal)) and s.inputs, None)
-            except TimeoutError:
-                raise errors.DeadlineExceeded(f"metadata of model '{name}' not known before the deadline") from None
-            stats = self.state.stats.get(internal)
+        extensions.check_version(name, v2.version_of(request))
+        stats = await self.extensions.tensors(name, internal, self.forwarder.budget(context))
         return v2.model_metadata_response(
             name,
-            ["1"],
+            [extensions.VERSION],
             PLATFORM,
             stats.inputs if stats else (),
             stats.outputs if stats else (),
         )
+
+    def _extension(self, parse: type[Any], method: Callable[[Any, float], Awaitable[Any]]) -> Any:
+        """A bytes-in, bytes-out handler around one of router/extensions.py's methods."""
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                message = parse.FromString(request)
+            except DecodeError:
+                raise errors.InvalidArgument(f"malformed {parse.__name__}") from None
+            response = await method(message, self.forwarder.budget(context))
+            return bytes(response.SerializeToString())
+
+        return grpc.unary_unary_rpc_method_handler(handle)
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary = grpc.unary_unary_rpc_method_handler
@@ -91,5 +100,12 @@ class InferenceServicer:
                 "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                     self.forwarder.model_stream_infer
                 ),
+                "ModelConfig": self._extension(ext.ModelConfigRequest, self.extensions.model_config),
+                "ModelStatistics": self._extension(ext.ModelStatisticsRequest, self.extensions.model_statistics),
+                "RepositoryIndex": self._extension(ext.RepositoryIndexRequest, self.extensions.repository_index),
+                "RepositoryModelLoad": self._extension(
+                    ext.RepositoryModelLoadRequest, self.extensions.repository_model_load),
+                "RepositoryModelUnload": self._extension(
+                    ext.RepositoryModelUnloadRequest, self.extensions.repository_model_unload),
             },
         )

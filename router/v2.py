@@ -18,6 +18,11 @@ def name_of(request: bytes) -> str:
     return modelid.check_length(wire.check_message(request, wire.NAMED, "request"))
 
 
+def version_of(request: bytes) -> str:
+    """`version` (field 2) of a ModelReadyRequest or ModelMetadataRequest ("" when absent)."""
+    return wire.string_field(request, 2)[:64]
+
+
 def live_response(live: bool) -> bytes:
     """ServerLiveResponse / ServerReadyResponse / ModelReadyResponse: one bool, field 1."""
     return wire.boolean(1, live)

@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from mesh.pb.inference import extensions_pb2 as mesh_dot_pb_dot_inference_dot_extensions__pb2
 from mesh.pb.inference import grpc_predict_v2_pb2 as mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -70,6 +71,31 @@ class GRPCInferenceServiceStub:
                 request_serializer=mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
+        self.ModelConfig = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelConfig',
+                request_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelConfigResponse.FromString,
+                _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelStatistics',
+                request_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryIndex',
+                request_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelLoad = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryModelLoad',
+                request_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelLoadResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelUnload = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryModelUnload',
+                request_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelUnloadResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -117,6 +143,38 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelConfig(self, request, context):
+        """Triton extensions (docs/PROTOCOL.md "gRPC"): answered by the router from the registry and
+        the pods holding copies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryIndex(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelUnload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +212,31 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelStreamInfer,
                     request_deserializer=mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.SerializeToString,
+            ),
+            'ModelConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelConfig,
+                    request_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelConfigRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelConfigResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelStatisticsResponse.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelLoad,
+                    request_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelLoadResponse.SerializeToString,
+            ),
+            'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelUnload,
+                    request_deserializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +428,141 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelStreamInfer',
             mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
             mesh_dot_pb_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelConfig',
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelConfigRequest.SerializeToString,
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelStatistics',
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelStatisticsRequest.SerializeToString,
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.ModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryIndex',
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryIndexRequest.SerializeToString,
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryModelLoad',
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelLoadRequest.SerializeToString,
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelUnload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryModelUnload',
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            mesh_dot_pb_dot_inference_dot_extensions__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,32 +23,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from mesh.pb.inference import extensions_pb2 as mesh_dot_pb_dot_inference_dot_extensions__pb2
 from mesh.pb.v1 import types_pb2 as mesh_dot_pb_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/pb/v1/internal.proto\x12\x07mesh.v1\x1a\x16mesh/pb/v1/types.proto\"X\n\x13\x45nsureLoadedRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11\x65xclude_instances\x18\x02 \x03(\t\x12\x14\n\x0cmin_revision\x18\x03 \x01(\x03\";\n\x14\x45nsureLoadedResponse\x12#\n\x06\x63opies\x18\x01 \x03(\x0b\x32\x13.mesh.v1.CopyStatus\"5\n\x0bLoadRequest\x12\x12\n\nassignment\x18\x01 \x01(\x0c\x12\x12\n\nunassigned\x18\x02 \x03(\t\"V\n\x0cLoadResponse\x12!\n\x04\x63opy\x18\x01 \x01(\x0b\x32\x13.mesh.v1.CopyStatus\x12#\n\x06models\x18\x02 \x03(\x0b\x32\x13.mesh.v1.ModelUsage\"\x11\n\x0fGetUsageRequest\"^\n\nModelUsage\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11last_used_unix_ms\x18\x02 \x01(\x03\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x10\n\x08requests\x18\x04 \x01(\x04\"7\n\x10GetUsageResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.mesh.v1.ModelUsage2Z\n\tPlacement\x12M\n\x0c\x45nsureLoaded\x12\x1c.mesh.v1.EnsureLoadedRequest\x1a\x1d.mesh.v1.EnsureLoadedResponse\"\x00\x32\x83\x01\n\x07Runtime\x12\x41\n\x08GetUsage\x12\x18.mesh.v1.GetUsageRequest\x1a\x19.mesh.v1.GetUsageResponse\"\x00\x12\x35\n\x04Load\x12\x14.mesh.v1.LoadRequest\x1a\x15.mesh.v1.LoadResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/pb/v1/internal.proto\x12\x07mesh.v1\x1a\"mesh/pb/inference/extensions.proto\x1a\x16mesh/pb/v1/types.proto\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"+\n\x13UnloadModelResponse\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"X\n\x13\x45nsureLoadedRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11\x65xclude_instances\x18\x02 \x03(\t\x12\x14\n\x0cmin_revision\x18\x03 \x01(\x03\";\n\x14\x45nsureLoadedResponse\x12#\n\x06\x63opies\x18\x01 \x03(\x0b\x32\x13.mesh.v1.CopyStatus\")\n\x14GetInferStatsRequest\x12\x11\n\tmodel_ids\x18\x01 \x03(\t\"H\n\x15GetInferStatsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.mesh.inference.ModelStatistics\"5\n\x0bLoadRequest\x12\x12\n\nassignment\x18\x01 \x01(\x0c\x12\x12\n\nunassigned\x18\x02 \x03(\t\"V\n\x0cLoadResponse\x12!\n\x04\x63opy\x18\x01 \x01(\x0b\x32\x13.mesh.v1.CopyStatus\x12#\n\x06models\x18\x02 \x03(\x0b\x32\x13.mesh.v1.ModelUsage\"\x11\n\x0fGetUsageRequest\"^\n\nModelUsage\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x19\n\x11last_used_unix_ms\x18\x02 \x01(\x03\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x10\n\x08requests\x18\x04 \x01(\x04\"7\n\x10GetUsageResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.mesh.v1.ModelUsage2\xa6\x01\n\tPlacement\x12M\n\x0c\x45nsureLoaded\x12\x1c.mesh.v1.EnsureLoadedRequest\x1a\x1d.mesh.v1.EnsureLoadedResponse\"\x00\x12J\n\x0bUnloadModel\x12\x1b.mesh.v1.UnloadModelRequest\x1a\x1c.mesh.v1.UnloadModelResponse\"\x00\x32\xd5\x01\n\x07Runtime\x12\x41\n\x08GetUsage\x12\x18.mesh.v1.GetUsageRequest\x1a\x19.mesh.v1.GetUsageResponse\"\x00\x12\x35\n\x04Load\x12\x14.mesh.v1.LoadRequest\x1a\x15.mesh.v1.LoadResponse\"\x00\x12P\n\rGetInferStats\x12\x1d.mesh.v1.GetInferStatsRequest\x1a\x1e.mesh.v1.GetInferStatsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.pb.v1.internal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENSURELOADEDREQUEST']._serialized_start=62
-  _globals['_ENSURELOADEDREQUEST']._serialized_end=150
-  _globals['_ENSURELOADEDRESPONSE']._serialized_start=152
-  _globals['_ENSURELOADEDRESPONSE']._serialized_end=211
-  _globals['_LOADREQUEST']._serialized_start=213
-  _globals['_LOADREQUEST']._serialized_end=266
-  _globals['_LOADRESPONSE']._serialized_start=268
-  _globals['_LOADRESPONSE']._serialized_end=354
-  _globals['_GETUSAGEREQUEST']._serialized_start=356
-  _globals['_GETUSAGEREQUEST']._serialized_end=373
-  _globals['_MODELUSAGE']._serialized_start=375
-  _globals['_MODELUSAGE']._serialized_end=469
-  _globals['_GETUSAGERESPONSE']._serialized_start=471
-  _globals['_GETUSAGERESPONSE']._serialized_end=526
-  _globals['_PLACEMENT']._serialized_start=528
-  _globals['_PLACEMENT']._serialized_end=618
-  _globals['_RUNTIME']._serialized_start=621
-  _globals['_RUNTIME']._serialized_end=752
+  _globals['_UNLOADMODELREQUEST']._serialized_start=98
+  _globals['_UNLOADMODELREQUEST']._serialized_end=136
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=138
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=181
+  _globals['_ENSURELOADEDREQUEST']._serialized_start=183
+  _globals['_ENSURELOADEDREQUEST']._serialized_end=271
+  _globals['_ENSURELOADEDRESPONSE']._serialized_start=273
+  _globals['_ENSURELOADEDRESPONSE']._serialized_end=332
+  _globals['_GETINFERSTATSREQUEST']._serialized_start=334
+  _globals['_GETINFERSTATSREQUEST']._serialized_end=375
+  _globals['_GETINFERSTATSRESPONSE']._serialized_start=377
+  _globals['_GETINFERSTATSRESPONSE']._serialized_end=449
+  _globals['_LOADREQUEST']._serialized_start=451
+  _globals['_LOADREQUEST']._serialized_end=504
+  _globals['_LOADRESPONSE']._serialized_start=506
+  _globals['_LOADRESPONSE']._serialized_end=592
+  _globals['_GETUSAGEREQUEST']._serialized_start=594
+  _globals['_GETUSAGEREQUEST']._serialized_end=611
+  _globals['_MODELUSAGE']._serialized_start=613
+  _globals['_MODELUSAGE']._serialized_end=707
+  _globals['_GETUSAGERESPONSE']._serialized_start=709
+  _globals['_GETUSAGERESPONSE']._serialized_end=764
+  _globals['_PLACEMENT']._serialized_start=767
+  _globals['_PLACEMENT']._serialized_end=933
+  _globals['_RUNTIME']._serialized_start=936
+  _globals['_RUNTIME']._serialized_end=1149
 # @@protoc_insertion_point(module_scope)

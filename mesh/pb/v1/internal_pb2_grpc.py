@@ -41,6 +41,11 @@ class PlacementStub:
                 request_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.EnsureLoadedRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.EnsureLoadedResponse.FromString,
                 _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/mesh.v1.Placement/UnloadModel',
+                request_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class PlacementServicer:
@@ -56,6 +61,16 @@ class PlacementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnloadModel(self, request, context):
+        """Deletes every assignment of the model (one fenced write per pod, through the decider); the
+        registration stays, and the next request for the model loads it again. Answers once the
+        deletions are written (the pods drain and unload as for any removed assignment). An
+        unregistered model, or one with no copy, succeeds with no instances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlacementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +78,11 @@ def add_PlacementServicer_to_server(servicer, server):
                     servicer.EnsureLoaded,
                     request_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.EnsureLoadedRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.EnsureLoadedResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.UnloadModelRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,6 +123,33 @@ class Placement:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Placement/UnloadModel',
+            mesh_dot_pb_dot_v1_dot_internal__pb2.UnloadModelRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_internal__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class RuntimeStub:
     """Implemented by: puller (runtime pods). Called by: placement.
@@ -123,6 +170,11 @@ class RuntimeStub:
                 '/mesh.v1.Runtime/Load',
                 request_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadResponse.FromString,
+                _registered_method=True)
+        self.GetInferStats = channel.unary_unary(
+                '/mesh.v1.Runtime/GetInferStats',
+                request_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetInferStatsRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetInferStatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -150,6 +202,15 @@ class RuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInferStats(self, request, context):
+        """Triton's inference statistics of the models this pod served (puller/stats.py), by internal
+        model id; kept after a model's unload (bounded: the least recently used models' totals
+        are dropped first). Called by: router (ModelStatistics, summed over the pods).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +223,11 @@ def add_RuntimeServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.LoadResponse.SerializeToString,
+            ),
+            'GetInferStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInferStats,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetInferStatsRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_internal__pb2.GetInferStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +285,33 @@ class Runtime:
             '/mesh.v1.Runtime/Load',
             mesh_dot_pb_dot_v1_dot_internal__pb2.LoadRequest.SerializeToString,
             mesh_dot_pb_dot_v1_dot_internal__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInferStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Runtime/GetInferStats',
+            mesh_dot_pb_dot_v1_dot_internal__pb2.GetInferStatsRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_internal__pb2.GetInferStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

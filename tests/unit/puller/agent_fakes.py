@@ -239,7 +239,7 @@ class FakeExecutor:
         return LoadedModel(model_id, None, {"input": spec}, {"output": spec}, self.size, 7,  # type: ignore[arg-type]
                            measure_method="fake")
 
-    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str], execution: object = None) -> list[np.ndarray]:
         return [feeds["input"]]
 
 

@@ -46,7 +46,7 @@ async def test_writes_failing_are_retried_until_etcd_takes_them_with_one_warning
     pod.etcd.fail_writes = True
     await pod.assign("a")
     await pod.assign("b")
-    await pod.until(lambda: pod.etcd.failed_writes >= 8, "several failed rounds")
+    await pod.until(lambda: pod.etcd.failed_writes >= 3, "several failed rounds (one transaction each)")
     assert pod.copy("a") is None and pod.copy("b") is None
     assert pod.metrics.unsynced_records._value.get() >= 2
     pod.etcd.fail_writes = False

@@ -119,7 +119,7 @@ class GatedRunner:
         self.gates: list[asyncio.Event] = []
         self._called = asyncio.Event()
 
-    async def run(self, model: object, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    async def run(self, model: object, feeds: dict[str, np.ndarray], outputs: list[str], execution: object = None) -> list[np.ndarray]:
         x = feeds["input"]
         self.calls.append(x.shape[0])
         self._called.set()

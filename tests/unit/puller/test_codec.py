@@ -59,7 +59,7 @@ def test_raw_round_trip(datatype: str) -> None:
     decoded = codec.decode_inputs(raw_request(datatype, arr), spec(datatype))
     assert decoded.raw
     assert_same(decoded.feeds["x"], arr)
-    (out,) = codec.encode_outputs(["y"], [decoded.feeds["x"]], raw=True)
+    (out,) = codec.encode_outputs(["y"], [decoded.feeds["x"]])
     assert (out.name, out.datatype, out.shape) == ("y", datatype, arr.shape)
     again = codec.decode_inputs(raw_request(datatype, arr), spec(datatype))
     assert out.raw == raw_request(datatype, arr).raw_input_contents[0]
@@ -72,9 +72,9 @@ def test_typed_round_trip(datatype: str) -> None:
     decoded = codec.decode_inputs(typed_request(datatype, arr), spec(datatype))
     assert not decoded.raw
     assert_same(decoded.feeds["x"], arr)
-    (out,) = codec.encode_outputs(["y"], [decoded.feeds["x"]], raw=False)
-    assert out.raw is None and out.field == V2[datatype][1]
-    assert out.values == arr.ravel().tolist()
+    (out,) = codec.encode_outputs(["y"], [decoded.feeds["x"]])
+    # Triton answers a typed request in raw_output_contents too.
+    assert out.raw == raw_request(datatype, arr).raw_input_contents[0]
 
 
 def test_raw_decode_is_a_view_of_the_request_bytes() -> None:
@@ -83,15 +83,15 @@ def test_raw_decode_is_a_view_of_the_request_bytes() -> None:
     assert not feeds["x"].flags.owndata
 
 
-def test_fp16_output_in_a_typed_request_falls_back_to_raw() -> None:
-    outs = codec.encode_outputs(["a", "b"], [SAMPLES["FP16"], SAMPLES["FP32"]], raw=False)
-    assert all(o.raw is not None for o in outs)
+def test_outputs_are_always_raw() -> None:
+    outs = codec.encode_outputs(["a", "b"], [SAMPLES["FP16"], SAMPLES["FP32"]])
+    assert [o.raw for o in outs] == [SAMPLES["FP16"].tobytes(), SAMPLES["FP32"].tobytes()]
 
 
 def test_onnxruntime_str_outputs_are_bytes() -> None:
     arr = np.array([["a", "é"]], dtype=object)
-    (out,) = codec.encode_outputs(["y"], [arr], raw=False)
-    assert out.datatype == "BYTES" and out.values == [b"a", "é".encode()]
+    (out,) = codec.encode_outputs(["y"], [arr])
+    assert out.datatype == "BYTES" and codec.split_bytes("y", out.raw, 2) == [b"a", "é".encode()]
 
 
 def test_requested_outputs() -> None:
@@ -172,7 +172,7 @@ def test_raw_count_must_match_inputs() -> None:
 def test_raw_and_typed_mixed() -> None:
     req = fp32_raw()
     req.inputs[0].contents.fp32_contents.extend([1, 2, 3])
-    _err(req, spec("FP32"), "use one or the other")
+    _err(req, spec("FP32"), "contents field must not be specified when using raw_input_contents for .x. for model")
 
 
 @pytest.mark.parametrize(
