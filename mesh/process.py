@@ -46,7 +46,10 @@ def run(
     async def main() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await serve(common, settings, stop, Metrics(service=name))
+        metrics = Metrics(service=name, model_labels=common.metrics_model_labels,
+                          model_label_limit=common.metrics_model_label_limit,
+                          tenant_labels=common.metrics_tenant_labels)
+        await serve(common, settings, stop, metrics)
 
     asyncio.run(main())
 

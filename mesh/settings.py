@@ -41,6 +41,19 @@ class CommonSettings(BaseSettings):
     """Width of the request-count time buckets in Redis (routers and placement must agree)."""
     telemetry_retention_s: int = Field(default=600, ge=10)
     """How long request-count buckets live in Redis (EXPIRE)."""
+    usage_retention_s: int = Field(default=35 * 24 * 3600, ge=3600)
+    """How long the hourly showback buckets (`mesh usage`: requests and memory-seconds per
+    model) live in Redis (EXPIRE)."""
+    metrics_model_labels: bool = False
+    """Adds a `modelId` label to the ModelMesh-compatible per-request metrics
+    (docs/METRICS.md); off by default (one series per model)."""
+    metrics_tenant_labels: bool = False
+    """Exports per-tenant use with a `tenant` label (mesh_tenant_requests_total on routers,
+    mesh_tenant_memory_bytes on placement): the dashboard's per-tenant panels. Off by default:
+    tenant names then stay off the metrics ports."""
+    metrics_model_label_limit: int = Field(default=100, ge=1, le=100_000)
+    """With metrics_model_labels: at most this many distinct models get their own `modelId`
+    value per process; later ones are counted under `modelId="_other"`."""
 
     internal_tls_ca: str = ""
     """PEM CA bundle of the internal CA. Set with internal_tls_cert and internal_tls_key, it
@@ -107,7 +120,7 @@ class RouterSettings(BaseSettings):
     within the TTL and a standby takes over."""
     stream_window: int = Field(default=64, ge=1, le=4096)
     """ModelStreamInfer messages of one stream forwarded concurrently (answers stay in order)."""
-    allowed_schemes: str = "file,http,https"
+    allowed_schemes: str = "file,http,https,s3"
     """Comma-separated storage-URI schemes accepted at registration."""
     file_roots: str = ""
     """Comma-separated absolute folders file:// URIs must lie under (canonical paths compared;
@@ -172,6 +185,14 @@ class RouterSettings(BaseSettings):
     """Plaintext port on the listen host serving only grpc.health.v1, for Kubernetes grpc
     probes (which cannot speak TLS) when the main port uses TLS; 0: off (health is on the main
     port as well either way)."""
+    rest_listen: str = "127.0.0.1:8008"
+    """host:port of the KServe V2 REST / Triton HTTP front and the registration API over
+    HTTP/JSON (docs/PROTOCOL.md "REST"); same authentication and TLS as the gRPC port. Empty:
+    off. Port 0: a free port (logged)."""
+    rest_max_concurrent: int = Field(default=1000, ge=1)
+    """REST requests in progress beyond this are answered at once with 503 and Retry-After."""
+    rest_keepalive_s: float = Field(default=75.0, gt=0, le=3600)
+    """Idle HTTP keep-alive connections are closed after this many seconds."""
 
     @field_validator("admin_token_sha256")
     @classmethod
@@ -282,6 +303,20 @@ class PlacementSettings(BaseSettings):
     """Most copies of one model (a registration's max_copies, when set, overrides it)."""
     replace_window_s: float = Field(default=300.0, ge=0)
     """When a pod dies, its models used within this window are re-placed at once (0: off)."""
+    idle_unload_s: float = Field(default=0.0, ge=0)
+    """Scale to zero: a model with min_copies 0 that had no request for this long has its last
+    copies unloaded (the next request is an ordinary miss). A model's own idle_unload_s
+    overrides it. 0: off, the last copy stays until evicted for room."""
+    pressure_window_s: float = Field(default=300.0, gt=0)
+    """Memory pressure (mesh_placement_unplaced_bytes, the autoscaling signal): a model that
+    could not be placed for lack of room, or was evicted while hot, counts as wanted this long
+    unless it is held again."""
+    showback_interval_s: float = Field(default=15.0, gt=0, le=3600)
+    """With MESH_REDIS_URL: how often the leader adds the LOADED copies' memory-seconds to
+    the hourly showback in Redis (`mesh usage`); a load or unload is off by at most this."""
+    pressure_hot_s: float = Field(default=60.0, ge=0)
+    """An evicted model used within this many seconds before its eviction was hot: its bytes
+    count as unplaced (the pods were too small for what is in use)."""
     max_actions_per_pass: int = Field(default=8, ge=1)
     """Most proactive loads or drops (copies, min_copies, re-placements) per reconcile pass:
     no reload storm."""
@@ -411,6 +446,25 @@ class RuntimeSettings(BaseSettings):
     <dir>/T/NAME (<dir>/_default/NAME for the default tenant), a file (JSON {"headers": {...}}
     or {"token": "..."}, else the whole file is a bearer token) or a mounted Secret folder with
     keys `token` and/or `headers.json`. Empty: credentials_ref is refused."""
+    s3_endpoint_url: str = ""
+    """Endpoint of the S3 API s3:// artifacts are read from (e.g. http://minio.storage:9000);
+    empty: AWS S3 itself (or AWS_ENDPOINT_URL_S3 from the environment). The operator's choice:
+    a storage URI names a bucket and key, never an endpoint."""
+    s3_region: str = ""
+    """Region for S3 requests (empty: AWS_REGION / AWS_DEFAULT_REGION / the profile's, else us-east-1)."""
+    s3_addressing_style: str = Field(default="auto", pattern="^(auto|path|virtual)$")
+    """path: https://endpoint/bucket/key (MinIO, most S3-compatible servers); virtual:
+    https://bucket.endpoint/key; auto: botocore's choice."""
+    s3_profile: str = ""
+    """Shared-config profile the pod's S3 credentials come from (~/.aws/credentials, or
+    AWS_SHARED_CREDENTIALS_FILE); empty: the environment (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, e.g. from a Kubernetes Secret), then botocore's default chain (web
+    identity, instance role). A model's credentials_ref overrides it for that model."""
+    s3_max_attempts: int = Field(default=4, ge=1, le=20)
+    """Attempts per S3 request (throttling, 5xx, a reset connection), with jittered
+    exponential backoff between them; a download cut short resumes where it stopped."""
+    s3_verify_tls: bool = True
+    """Verify the S3 endpoint's TLS certificate (off only for a test endpoint)."""
 
     @field_validator("file_roots", "allowed_networks", "tenant_storage_prefixes")
     @classmethod

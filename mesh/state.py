@@ -24,6 +24,7 @@ from mesh.types import (
     ModelStats,
     TenantSpec,
     TokenRecord,
+    VModelRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class MeshState:
         self.leader: LeaderRecord | None = None
         self.tokens: dict[str, TokenRecord] = {}  # sha256 hex of the token -> record
         self.tenants: dict[str, TenantSpec] = {}  # tenant -> quotas
+        self.vmodels: dict[str, VModelRecord] = {}  # internal vmodel name -> record (router/vmodels.py)
         self.revs: dict[str, int] = {}  # mod_revision of each assignment and copy key
         self._hooks: list[Callable[[str, tuple[str, ...]], None]] = []
         view.subscribe(self._on_events)
@@ -109,6 +111,8 @@ class MeshState:
             _set(self.tokens, ids[0], value, TokenRecord)
         elif section == k.TENANTS and len(ids) == 1:
             _set(self.tenants, ids[0], value, TenantSpec)
+        elif section == k.VMODELS and len(ids) == 1:
+            _set(self.vmodels, ids[0], value, VModelRecord)
         elif section == k.LEADER:
             self.leader = None if value is None else types.decode(LeaderRecord, value)
 

@@ -6,6 +6,10 @@ Only known keys are touched (RELIABILITY S17: no KEYS, SCAN patterns, EVAL or sc
     <ns>:req:<bucket>   hash model id -> requests seen by all routers in that time bucket
                         (bucket = unix seconds // bucket_s), EXPIREd after the retention
     <ns>:last           sorted set model id -> last use, unix ms (ZADD GT: only moves forward)
+    <ns>:use:<hour>     hash of the hour's showback (`mesh usage`; hour = unix seconds // 3600):
+                        "r|<model id>" -> requests (routers), "m|<model id>" -> memory
+                        byte-seconds of its LOADED copies (placement leader), EXPIREd after
+                        MESH_USAGE_RETENTION_S
 
 <ns> is "meshserve:" + the mesh's etcd root, so meshes sharing one Redis never mix.
 """
@@ -19,6 +23,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 LAST_TTL_S = 7 * 24 * 3600  # a model unused for a week is simply 'never used' again
+USAGE_RETENTION_S = 35 * 24 * 3600  # showback hours (MESH_USAGE_RETENTION_S)
+REQUESTS_FIELD = "r|"  # showback hash fields: requests, memory byte-seconds (+ model id)
+MEMORY_FIELD = "m|"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,13 @@ class TelemetryKeys:
 
     def last(self) -> str:
         return f"{self.ns}:last"
+
+    def usage(self, hour: int) -> str:
+        """The showback hash of `hour` (unix seconds // 3600)."""
+        return f"{self.ns}:use:{hour}"
+
+    def hour_of_bucket(self, bucket: int) -> int:
+        return bucket * self.bucket_s // 3600
 
     def window(self, now_ms: int, window_s: float) -> list[int]:
         """The buckets covering the `window_s` seconds that end at `now_ms` (newest first)."""

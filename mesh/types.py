@@ -40,6 +40,8 @@ class ModelSpec:
     artifact_bytes: int = 0  # size of the artifact when known at registration (0: unknown)
     # Name of the credentials pods fetch storage_uri with (never the credentials themselves).
     credentials_ref: str = ""
+    idle_unload_s: int = 0  # scale to zero after this long idle (0: PlacementSettings.idle_unload_s)
+    version: str = ""  # "" or "1": version 1; others are stored as "<id>@<version>" (router/versions.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +163,27 @@ class LeaderRecord:
     holder_id: str
     address: str
     since_unix_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VModelRecord:
+    """A vmodel (alias) naming concrete models (key: vmodels/<internal name>; router/vmodels.py).
+
+    Routers send a request for the vmodel to one of `active` (internal model id -> weight);
+    `pending` is a switch in progress (router/vmodel_store.py): its targets are being made
+    ready and become `active` once they are. `rollout` is reserved for a rollout controller
+    that will drive the weights (issue 13 item 3); nothing reads it yet."""
+
+    name: str  # the internal name (tenant:name for a named tenant, as model ids)
+    tenant: str = ""
+    active: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    pending: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    sticky_header: str = ""  # request metadata whose value's hash picks the target
+    tags: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)  # header -> value -> model
+    rollout: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    updated_unix_ms: int = 0
+    switch_started_unix_ms: int = 0
+    switch_note: str = ""  # why the pending switch has not completed yet (empty: none known)
 
 
 def encode(record: Any) -> bytes:

@@ -103,6 +103,8 @@ def parse(uri: str, schemes: Iterable[str], setting: str) -> urllib.parse.SplitR
         raise InvalidArgument(f"invalid storage_uri {show(uri)}: '..' segments are not allowed")
     if scheme in ("http", "https"):
         check_http_form(uri, parts)
+    elif scheme == "s3":
+        check_s3_form(uri, parts)
     return parts
 
 
@@ -135,6 +137,42 @@ def check_http_form(uri: str, parts: urllib.parse.SplitResult) -> None:
     if "\\" in parts.path or "%2f" in low or "%5c" in low:
         raise InvalidArgument(f"invalid storage_uri {show(uri)}: encoded slashes and backslashes "
                               "are not allowed in the path")
+
+
+# -- s3:// --------------------------------------------------------------------------------------
+
+# S3's bucket naming rules (3-63 characters, lower case, digits, dots and hyphens); an IPv4-like
+# name is refused too. The endpoint is never in the URI: the pods' operator configures it
+# (MESH_RUNTIME_S3_ENDPOINT_URL), so a user cannot aim a pod's S3 client at an address.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+MAX_S3_KEY = 1024
+
+
+def check_s3_form(uri: str, parts: urllib.parse.SplitResult) -> None:
+    """s3://bucket/key (one object) or s3://bucket/prefix/ (a folder): a valid bucket name, no
+    port, endpoint, query or fragment, a key without empty, `.` or `..` segments."""
+    bucket = parts.netloc
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket or re.fullmatch(r"[0-9.]+", bucket):
+        raise InvalidArgument(
+            f"invalid storage_uri {show(uri)}: {quote_id(bucket, 70)} is not an S3 bucket name (3-63 "
+            "characters from a-z 0-9 . -); give s3://bucket/key, the endpoint is the pods' setting "
+            "(MESH_RUNTIME_S3_ENDPOINT_URL)")
+    if parts.query or parts.fragment:
+        raise InvalidArgument(f"invalid storage_uri {show(uri)}: an s3 URI takes no query or fragment")
+    key = urllib.parse.unquote(parts.path)[1:]
+    segments = key.split("/")
+    if key.endswith("/"):
+        segments = segments[:-1]
+    bad_segment = bool(key) and any(s in ("", ".", "..") for s in segments)
+    if len(key.encode()) > MAX_S3_KEY or "\\" in key or bad_segment:
+        raise InvalidArgument(f"invalid storage_uri {show(uri)}: the key must be a path without empty, "
+                              "'.' or '..' segments (at most 1024 bytes)")
+
+
+def s3_location(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3 URI already checked by `parse`; a key ending in / is a prefix."""
+    parts = urllib.parse.urlsplit(uri)
+    return parts.netloc, urllib.parse.unquote(parts.path)[1:]
 
 
 # -- file:// ------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from placement import planner
 from placement.activity import ActivitySource, ModelActivity, NoActivity
 from placement.decider import Decider, Place, Placed, Unassign
 from placement.policy import GdsfBook, Rules
+from placement.pressure import Pressure
 from placement.usage import Usage, UsageSource
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Controller:
         self._usage_at: dict[str, tuple[float, dict[str, Usage]]] = {}  # pod -> (monotonic, answer)
         self.decider = Decider(self)
         self.ledger = self.decider.ledger
+        self.pressure = Pressure(state, leader, self.clock, metrics, settings.pressure_window_s, settings.pressure_hot_s)
 
     @property
     def rules(self) -> Rules:
@@ -225,6 +227,7 @@ class Controller:
         try:
             placed = await self.decider.place(Place(model_id, exclude=frozenset(excluded)))
         except (NoCapacity, Unavailable) as exc:
+            self.pressure.refused(model_id, self.ledger.size(model_id).bytes, exc)  # the autoscaling signal
             if not isinstance(exc, Unavailable) or self.leader.is_leader:
                 self.metrics.placements.labels("no_capacity").inc()
                 log.warning("cannot place model %s: %s", model_id, exc)

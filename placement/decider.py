@@ -306,6 +306,9 @@ class Decider:
                 await self._write(target, [op for _, pair in chunk for op in pair],
                                   [(target, v, None) for v, _ in chunk])
             await self._write(target, placing, [(target, model_id, assignment)])
+        if plan.victims or capped:  # idle at eviction; hot ones are pressure (placement/pressure.py)
+            ctl.pressure.evicted([m for p in pods if p.instance_id == target for m in p.models
+                                  if m.model_id in plan.victims] + [v for _, v in capped], now_ms)
         if plan.victims:
             ctl.metrics.evictions.labels("capacity").inc(len(plan.victims))
         if capped:
@@ -376,6 +379,7 @@ class Decider:
         ops = [delete_op(self.keys.assignment(instance_id, v)) for v in victims]
         ops += [ctl.decision_op(v, "evicted", instance_id, why) for v in victims]
         await self._write(instance_id, ops, [(instance_id, v, None) for v in victims])
+        ctl.pressure.evicted_from(loaded, victims, ctl.clock.unix_ms())  # idle at eviction; hot ones are pressure
         for victim in victims:
             ctl.metrics.evictions.labels("overcommit").inc()
             ctl.book.evicted(victim)

@@ -33,6 +33,7 @@ from placement.controller import Controller
 from placement.leader import REVOKE_TIMEOUT_S, Leader
 from placement.reconcile import Reconciler
 from placement.server import PlacementServicer
+from placement.showback import Showback
 from placement.telemetry import RedisActivity
 from placement.usage import GrpcUsage
 
@@ -72,6 +73,7 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
         activity = RedisActivity(redis_client(common.redis_url, common.redis_timeout_s), keys, metrics,
                                  settings.activity_window_s)
     controller = Controller(state, leader, settings, metrics, usage, activity=activity)
+    controller.pressure.export()  # memory pressure, model counts, per-tenant memory (metrics)
     reconciler = Reconciler(controller)
     internal_pb2_grpc.add_PlacementServicer_to_server(PlacementServicer(controller, settings), server)
     # The election and what only a leader does, apart from the view: stopped first on shutdown.
@@ -87,6 +89,9 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
             return
         election.start("leader", leader.run)
         election.start("reconcile", reconciler.run)
+        if isinstance(activity, RedisActivity):  # showback: memory-seconds per model (`mesh usage`)
+            election.start("showback", Showback(activity.redis, activity.keys, state, leader, controller.clock,
+                                                settings.showback_interval_s, common.usage_retention_s).run)
         await server.start()
         await server.set_serving(True)  # followers are healthy too: they take over on failover
         serve_metrics(metrics, settings.listen.rsplit(":", 1)[0], settings.metrics_port)

@@ -13,7 +13,8 @@ replica leads. Three cases:
   waiting for it.
 Then the proactive pass (copies.py): draining pods' models are moved, a dead pod's recently
 used models are re-placed, min_copies kept, hot models copied and cooled copies dropped —
-bounded per pass. Every deletion and placement is an intent to the decider (decider.py).
+bounded per pass; then models idle past their TTL are unloaded (idle.py, scale to zero).
+Every deletion and placement is an intent to the decider (decider.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mesh.types import CopyState
 from placement.controller import Controller
 from placement.copies import Proactive
 from placement.decider import Unassign
+from placement.idle import IdleUnloader
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Reconciler:
         self.interval_s = interval_s
         self.debounce_s = debounce_s
         self.proactive = Proactive(controller)
+        self.idle = IdleUnloader(controller)
         self._dirty = asyncio.Event()
         self._refreshed_at = float("-inf")  # monotonic time of the loop's last telemetry read
         # (instance, model) assignments to look at in the next pass: every one at start, then
@@ -131,6 +134,8 @@ class Reconciler:
         for instance_id in self.overcommitted():
             deleted += await self.controller.decider.relieve(instance_id)
         await self.proactive.run(replace)
+        if refresh:  # scale to zero (idle.py): judged on a fresh telemetry read only
+            deleted += await self.idle.run()
         return deleted
 
     async def _delete(self, instance_id: str, items: list[tuple[str, str]]) -> bool:

@@ -106,7 +106,7 @@ class Agent:
 
     async def start(self) -> None:
         self.lease = await self.client.grant(self.lease_ttl_s)
-        self.metrics.capacity_bytes.set(self.identity.capacity_bytes)
+        self.metrics.pod_capacity(self.identity.capacity_bytes)  # ours and ModelMesh's
         self.publisher.instance_changed()
         if not await self.publisher.flush():
             log.warning("instance %s: first registration write failed; retrying", self.instance_id)
@@ -328,8 +328,7 @@ class Agent:
 
     def instance_record(self) -> InstanceRecord:
         used = self.held_bytes()
-        self.metrics.used_bytes.set(used)
-        self.metrics.models_loaded.set(len(self.table))
+        self.metrics.pod_use(used, len(self.table))  # ours and ModelMesh's
         return InstanceRecord(
             instance_id=self.instance_id,
             address=self.address,

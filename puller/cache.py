@@ -2,6 +2,8 @@
 
 Layout under `cache_dir`:
     objects/<key>/model.onnx   key = the assignment's sha256, else sha256 of the URI string;
+    objects/<key>/...          a multi-file artifact's other files (ONNX external data,
+                               config.pbtxt) beside it: the folder is the cache entry;
                                with a credentials_ref, a digest of (sha256 or URI, tenant, ref),
                                so bytes fetched with one tenant's credentials never serve another
     tmp/                       downloads in progress and evicted folders being removed
@@ -11,8 +13,11 @@ what an older version left). A failed artifact never stays: a failed or refused 
 sha256 mismatch lose their temp file, and a load that fails on the installed artifact
 `discard`s it (unless another model loaded it fine and still uses it).
 
-A download lands in tmp/, is checked against the sha256 when one was given, and is renamed
-into objects/ (atomic on one file system), so a crash never leaves a half file under a key.
+A download lands in a folder under tmp/, is checked against the sha256 when one was given (of
+model.onnx alone, or the tree digest of a folder of several files, `tree_sha256`), and the
+folder is renamed into objects/ (atomic on one file system), so a crash never leaves a half
+file or half a folder under a key; sizes and budgets count every file; eviction removes the
+folder.
 One download per key however many callers ask (SingleFlight). Artifacts in use are pinned
 (`acquire` / `release`); when the cache is over `cache_bytes`, the least recently used
 unpinned artifacts go. Index changes that move files hold one short lock, never a download.
@@ -158,10 +163,8 @@ class ArtifactCache:
         for folder in self.objects.iterdir():
             path = folder / ARTIFACT
             if folder.is_dir() and not folder.is_symlink() and path.is_file() and not path.is_symlink():
-                os.chmod(folder, _DIR_MODE)  # an older version left them 0755 / 0644
-                os.chmod(path, _FILE_MODE)
-                info = path.stat()
-                entries.append((info.st_mtime, folder.name, info.st_size))
+                # an older version left them 0755 / 0644
+                entries.append((path.stat().st_mtime, folder.name, _private_tree(folder)))
             elif folder.is_symlink():
                 folder.unlink(missing_ok=True)
             elif folder.is_dir():
@@ -231,11 +234,11 @@ class ArtifactCache:
             return
         self.metrics.cache_misses.labels("runtime").inc()
         start = time.perf_counter()
-        part = self.tmp / f"{key}-{uuid.uuid4().hex[:8]}.part"
+        part = self.tmp / f"{key}-{uuid.uuid4().hex[:8]}.part"  # a folder: the artifact's files
         try:
             await self._pull(key, uri, part, auth)
             if sha256:
-                actual = await asyncio.to_thread(file_sha256, part)
+                actual = await asyncio.to_thread(artifact_sha256, part)
                 if actual != _digest(sha256):
                     raise LoadFailed(f"artifact {show(uri)} has sha256 {actual}, expected {_digest(sha256)}")
             async with self._lock:
@@ -245,7 +248,7 @@ class ArtifactCache:
                 await self._evict_over_budget()
         finally:
             self._writing.pop(key, None)
-            await asyncio.to_thread(part.unlink, missing_ok=True)
+            await asyncio.to_thread(_remove_tree, part)
         self.metrics.cache_miss_seconds.labels("runtime").observe(time.perf_counter() - start)
         self._report()
 
@@ -263,17 +266,22 @@ class ArtifactCache:
             await reserve(hint)  # it failed for want of room before: fail fast if still none
         for attempt in (1, 2):
             try:
-                await client.pull(uri, str(part), reserve, auth)
+                await asyncio.to_thread(_fresh_dir, part)
+                pull_tree = getattr(client, "pull_tree", None)
+                if pull_tree is not None:
+                    await pull_tree(uri, str(part), reserve, auth)
+                else:  # a single-file backend
+                    await client.pull(uri, str(part / ARTIFACT), reserve, auth)
                 return
             except (DiskFull, OSError) as exc:
                 if not isinstance(exc, DiskFull) and not is_disk_full(exc):
                     raise
-                written = exc.written if isinstance(exc, DiskFull) else _size_of(part)
+                written = max(exc.written if isinstance(exc, DiskFull) else 0, _size_of(part))
                 size = exc.size if isinstance(exc, DiskFull) and exc.size else (known[-1] if known else None)
                 # What it needs for sure: its size, else more than was written. Only that lower
                 # bound is remembered (a later load refused on a guess could never succeed).
                 floor = max(size or written + 1, self._needed.get(key, 0))
-                await asyncio.to_thread(part.unlink, missing_ok=True)
+                await asyncio.to_thread(_remove_tree, part)
                 self._needed[key] = floor
                 log.warning("artifact %s: the cache disk filled up after %d bytes (attempt %d of 2)",
                             key, written, attempt)
@@ -341,12 +349,14 @@ class ArtifactCache:
         )
 
     def _install(self, part: pathlib.Path, key: str) -> int:
+        """The downloaded folder becomes objects/<key> in one rename (the unit: a crash leaves
+        either the whole folder or none); returns the size of all its files."""
+        size = _private_tree(part)  # the clients created them 0600; a fake or an old one may not have
         folder = self.objects / key
-        private_dir(folder)
-        target = folder / ARTIFACT
-        os.chmod(part, _FILE_MODE)  # the client created it 0600; a fake or an old one may not have
-        os.replace(part, target)
-        return target.stat().st_size
+        if folder.exists():  # not in the index, so a leftover: never merged with the new files
+            self._remove(key)
+        os.replace(part, folder)
+        return size
 
     async def _evict_over_budget(self) -> None:
         """Removes least recently used unpinned artifacts until within budget. Holds _lock."""
@@ -386,7 +396,67 @@ def _rounded(size: int, block: int) -> int:
 
 
 def _size_of(path: pathlib.Path) -> int:
+    """Bytes of a file, or of every file under a folder (a download in progress)."""
     try:
-        return path.stat().st_size
+        if not path.is_dir():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
     except OSError:
         return 0
+
+
+def _fresh_dir(path: pathlib.Path) -> None:
+    _remove_tree(path)
+    path.mkdir(mode=_DIR_MODE)
+
+
+def _remove_tree(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _private_tree(folder: pathlib.Path) -> int:
+    """Makes a cached folder private (folders 0700, files 0600; links left alone, never
+    followed); returns the size of its files."""
+    total = 0
+    os.chmod(folder, _DIR_MODE)
+    for dirpath, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                os.chmod(os.path.join(dirpath, name), _DIR_MODE)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue  # no client writes links; never chmod through one (onnxcheck refuses it)
+            os.chmod(path, _FILE_MODE)
+            total += os.path.getsize(path)
+    return total
+
+
+def tree_sha256(folder: pathlib.Path) -> str:
+    """The digest of a multi-file artifact: sha256 of the lines "<sha256 of file>  <relative
+    path>\n", sorted by path (dot files skipped), i.e. what
+    `cd DIR && find . -type f ! -name '.*' -printf '%P\n' | LC_ALL=C sort | xargs sha256sum | sha256sum`
+    prints for a folder without dot folders."""
+    lines = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not path.is_symlink() and not any(p.startswith(".") for p in rel.split("/")):
+            lines.append((rel, file_sha256(path)))
+    h = hashlib.sha256()
+    for rel, digest in sorted(lines, key=lambda x: x[0].encode()):
+        h.update(f"{digest}  {rel}\n".encode())
+    return h.hexdigest()
+
+
+def is_multi_file(folder: pathlib.Path) -> bool:
+    """True when an artifact folder holds more than model.onnx alone."""
+    return any(p.name != ARTIFACT for p in folder.iterdir())
+
+
+def artifact_sha256(folder: pathlib.Path) -> str:
+    """What a spec's sha256 is compared with: model.onnx's own digest for a single file, the
+    tree digest (`tree_sha256`) for a folder of several files."""
+    return tree_sha256(folder) if is_multi_file(folder) else file_sha256(folder / ARTIFACT)

@@ -30,6 +30,7 @@ from puller.cache import ArtifactCache
 from puller.executor import Executor
 from puller.sandbox import DEFAULT_MEMORY_BYTES, Sandbox
 from puller.server import Runtime, build_server
+from puller.stats import StatsBook
 from puller.storage import providers
 from puller.table import ModelTable
 
@@ -77,7 +78,8 @@ async def serve(
     )
     cache = ArtifactCache(pathlib.Path(settings.cache_dir), settings.cache_bytes, providers(settings), metrics)
     ready = asyncio.Event()
-    runtime = Runtime(table)  # its direct loads are the agent's, once it exists
+    runtime = Runtime(table, stats=StatsBook(on_queue=metrics.queue_delay))  # its direct loads: the agent's, once it exists
+    metrics.track_lru(table.lru_unix_ms)
     server, port = build_server(
         settings.listen, settings.max_message_bytes, table, executor, clock, ready, metrics,
         settings.queue_per_model(), settings.max_queue_per_pod, runtime=runtime,

@@ -186,7 +186,7 @@ class ModelSlot:
         reason = exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
         log.warning("loading model %s failed: %s", self.model_id, reason)  # the log keeps the paths
         reason = redact_paths(reason)  # etcd's copy reaches clients (last_error, FAILED answers)
-        self.host.metrics.loads.labels("failed").inc()
+        self.host.metrics.model_load_failed(self.model_id)  # ours and ModelMesh's
         pulled = self.artifact.size_bytes if self.artifact is not None else 0
         self._drop_load()
         if self.host.assignment(self.model_id) is None:
@@ -203,8 +203,7 @@ class ModelSlot:
         model, artifact = self.model, self.artifact
         assert model is not None and artifact is not None
         self.model = None
-        host.metrics.loads.labels("ok").inc()
-        host.metrics.load_seconds.observe(model.load_ms / 1000)
+        host.metrics.model_loaded(self.model_id, model.load_ms / 1000, model.size_bytes)  # ours and ModelMesh's
         batcher = batching.for_model(
             model, host.executor, assignment.max_batch_size, assignment.max_queue_delay_us, host.metrics
         )
@@ -339,7 +338,7 @@ class ModelSlot:
                 "model %s: %d requests still running after %.0fs; unloading it anyway",
                 self.model_id, served.in_flight, timeout,
             )
-        self.host.metrics.unload_seconds.observe(time.perf_counter() - start)
+        self.host.metrics.model_unloaded(self.model_id, time.perf_counter() - start)  # ours and ModelMesh's
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

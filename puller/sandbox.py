@@ -177,7 +177,7 @@ class Sandbox:
         self._lock = asyncio.Lock()
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zygote_lock = threading.Lock()
-        self._digests: dict[tuple[int, int, int, int], str] = {}
+        self._digests: dict[tuple[tuple[int, int, int, int], ...], str] = {}
         self._crash_producer = os.environ.get(TEST_CRASH_ENV, "")
         self._starting: asyncio.Future[Any] | None = None
 
@@ -271,14 +271,19 @@ class Sandbox:
         return cached
 
     def _digest(self, path: str) -> str:
-        """sha256 of the file, hashed once per file version (inode, size, mtime)."""
-        from puller.cache import file_sha256
+        """sha256 of the artifact (model.onnx, or the tree digest of its folder when it holds
+        external data or other files too: the verdict then covers every byte onnxruntime
+        reads), hashed once per version (inode, size, mtime of each file)."""
+        from puller.cache import ARTIFACT, artifact_sha256, file_sha256
 
-        info = os.stat(path)
-        version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        file = pathlib.Path(path)
+        cached = file.name == ARTIFACT  # a cache entry (a folder); else a file of its own
+        stats = [os.stat(path)] + ([p.stat() for p in sorted(file.parent.rglob("*")) if p.is_file()]
+                                   if cached else [])
+        version = tuple((i.st_dev, i.st_ino, i.st_size, i.st_mtime_ns) for i in stats)
         digest = self._digests.get(version)
         if digest is None:
-            digest = self._digests[version] = file_sha256(pathlib.Path(path))
+            digest = self._digests[version] = artifact_sha256(file.parent) if cached else file_sha256(file)
         return digest
 
     async def _run(self, path: str, batch: int) -> Verdict:

@@ -19,7 +19,7 @@ import grpc
 from mesh import process
 from mesh.clock import Clock
 from mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable, quote_id, redact_paths
-from mesh.metrics import Metrics
+from mesh.metrics import Metrics, bind_model
 from mesh.pb.inference import grpc_predict_v2_pb2 as pb
 from mesh.pb.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mesh.pb.v1 import internal_pb2, internal_pb2_grpc, types_pb2
@@ -97,6 +97,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest, remaining_s: float | None) -> pb.ModelInferResponse:
         """`remaining_s`: the caller's time left (None: no deadline)."""
+        bind_model(request.model_name)  # the modelId label of the request's metrics (opt-in)
         served = self.table.get(request.model_name)
         if served is None:
             raise Unavailable(f"model {quote_id(request.model_name)} is not loaded on this pod")

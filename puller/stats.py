@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 from mesh.pb.inference import extensions_pb2 as ext
 
@@ -75,8 +76,10 @@ class ModelTotals:
 
 
 class StatsBook:
-    def __init__(self, max_models: int = MAX_MODELS) -> None:
+    def __init__(self, max_models: int = MAX_MODELS,
+                 on_queue: Callable[[str, int], None] | None = None) -> None:
         self.max_models = max_models
+        self.on_queue = on_queue  # (model, ns queued): modelmesh_req_queue_delay_milliseconds
         self._models: collections.OrderedDict[str, ModelTotals] = collections.OrderedDict()
 
     def _totals(self, model_id: str) -> ModelTotals:
@@ -98,6 +101,8 @@ class StatsBook:
         t.success.add(done_ns - arrived_ns)
         t.compute_input.add(decoded_ns - arrived_ns)
         t.queue.add(started - decoded_ns)
+        if self.on_queue is not None:
+            self.on_queue(model_id, started - decoded_ns)
         t.compute_infer.add(ended - started)
         t.compute_output.add(done_ns - ended)
         t.inference_count += rows if batching else 1

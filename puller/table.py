@@ -76,6 +76,10 @@ class ModelTable:
     def used_bytes(self) -> int:
         return sum(s.model.size_bytes for s in self._models.values())
 
+    def lru_unix_ms(self) -> int:
+        """Last use of the least recently used model (0 with none): modelmesh_instance_lru_*."""
+        return min((s.last_used_unix_ms for s in list(self._models.values())), default=0)
+
     def __len__(self) -> int:
         return len(self._models)
 

@@ -41,6 +41,9 @@ SCOPES = (INFER_SCOPE, TENANT_SCOPE, ADMIN_SCOPE)
 # What an "infer" token may not do: change the registry (RELIABILITY.md S1: registration needs a
 # token apart from the ones inference clients hold).
 REGISTRY_WRITES = frozenset({"/mesh.v1.ModelRegistry/RegisterModel", "/mesh.v1.ModelRegistry/UnregisterModel",
+                             "/mesh.v1.ModelRegistry/RegisterModels",
+                             # VModels change where requests go (router/vmodel_api.py).
+                             "/mesh.v1.VModels/SetVModel", "/mesh.v1.VModels/DeleteVModel",
                              # Triton's repository extension changes what is loaded (router/extensions.py).
                              "/inference.GRPCInferenceService/RepositoryModelLoad",
                              "/inference.GRPCInferenceService/RepositoryModelUnload"})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -37,7 +37,7 @@ from mesh.pb.v1 import internal_pb2, internal_pb2_grpc
 from mesh.rpc.server import ChannelPool
 from mesh.state import MeshState
 from mesh.types import CopyState, ModelSpec, ModelStats
-from router import tenancy
+from router import tenancy, versions
 from router.forward import Forwarder
 from router.registry import ModelState, Registry, unknown_model
 from router.table import RouteTable
@@ -66,11 +66,11 @@ class Repository(Protocol):
 
 
 def check_version(name: str, version: str) -> None:
-    """Every model has one version, "1"; "" means it too. Others are NOT_FOUND, as Triton's
-    "Request for unknown model: 'm' version 2 is not found"."""
+    """A model without versions of its own has one, "1"; "" means it too. Others are NOT_FOUND,
+    as Triton's "Request for unknown model: 'm' version 2 is not found". (Registered versions
+    are resolved by router/versions.py; this is for a vmodel's name.)"""
     if version not in ("", VERSION):
-        raise NotFound(f"model {quote_id(name)} has no version {quote_id(version, 16)}; meshserve serves "
-                       f"version {VERSION} of each model")
+        raise versions.unknown_version(name, version)
 
 
 def _dtype(datatype: str) -> int:
@@ -102,10 +102,16 @@ class Extensions:
     def known(self, name: str) -> ModelSpec:
         """The model `name` means to the caller; NotFound (or Unavailable while the view is not
         connected) for an absent one and for another tenant's, alike."""
-        spec = self.namespace.lookup(tenancy.caller(), name)
+        return self.resolve(name)[1]
+
+    def resolve(self, name: str, metadata: Any = None, version: str = "") -> tuple[str, ModelSpec]:
+        """(the id the caller knows the concrete model by, its spec): `name` may be a vmodel's,
+        answered for its primary target (router/vmodels.py); `version` "" is the highest
+        (router/versions.py), one the model lacks NotFound; errors as `known`."""
+        shown, spec, _ = self.namespace.resolve(tenancy.caller(), name, metadata, control=True, version=version)
         if spec is None:
-            raise unknown_model(self.state, name)
-        return spec
+            raise unknown_model(self.state, shown)
+        return shown, spec
 
     async def tensors(self, name: str, internal: str, budget_s: float) -> ModelStats | None:
         """The last load's tensor metadata of the model; a model never loaded is loaded first
@@ -132,8 +138,7 @@ class Extensions:
         the last load recorded them; loaded first if never loaded), max_batch_size and
         dynamic_batching from the spec (batch dimension left out of dims when batching, as
         Triton does), one instance group counting the ready copies."""
-        spec = self.known(request.name)
-        check_version(request.name, request.version)
+        spec = self.resolve(request.name, version=request.version)[1]
         stats = await self.tensors(request.name, spec.model_id, budget_s)
         inputs = list(stats.inputs) if stats else []
         outputs = list(stats.outputs) if stats else []
@@ -170,9 +175,8 @@ class Extensions:
         no name: every model the caller may see that has statistics."""
         principal = tenancy.caller()
         if request.name:
-            spec = self.known(request.name)
-            check_version(request.name, request.version)
-            wanted: dict[str, str] = {spec.model_id: request.name}
+            spec = self.resolve(request.name, version=request.version)[1]
+            wanted: dict[str, str] = {spec.model_id: _versioned(request.name, spec.model_id)}
         else:
             if request.version:
                 raise InvalidArgument("a version needs a model name")
@@ -227,9 +231,10 @@ class Extensions:
             state, reason = _triton_state(status.state, status, self.namespace.scrub(principal, _error_of(status)))
             if request.ready and state != _READY:
                 continue
-            rows.append((self.namespace.shown_id(principal, spec), state, reason))
-        for name, state, reason in sorted(rows):
-            response.models.add(name=name, version=VERSION, state=state, reason=reason)
+            name, version = versions.split(self.namespace.shown_id(principal, spec))
+            rows.append((name, int(version), state, reason))
+        for name, number, state, reason in sorted(rows):
+            response.models.add(name=name, version=str(number), state=state, reason=reason)
         return response
 
     async def repository_model_load(self, request: ext.RepositoryModelLoadRequest,
@@ -241,7 +246,7 @@ class Extensions:
         name = request.model_name
         if not name:
             raise InvalidArgument("model_name is required")
-        spec = self.namespace.lookup(principal, name)
+        spec = self.namespace.lookup_version(principal, name, "")  # the highest version
         if spec is None and self.repository is not None:
             spec = await self.repository.register(principal, request.repository_name, name,
                                                   dict(request.parameters), budget_s)
@@ -280,18 +285,21 @@ class Extensions:
         if not name:
             raise InvalidArgument("model_name is required")
         self._check_repository(request.repository_name)
-        spec = self.namespace.lookup(tenancy.caller(), name)
+        spec = self.namespace.lookup_version(tenancy.caller(), name, "")
         if spec is None:
             return ext.RepositoryModelUnloadResponse()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
-        try:
-            instances = await self._unload(spec.model_id, deadline)
-        except MeshError as exc:
-            raise self.namespace.renamed(exc, spec.model_id, name) from None
+        every = sorted(self.namespace.versions.held(versions.split(spec.model_id)[0]).values())
+        instances: dict[str, set[str]] = {}
+        for model_id in every:  # every version, as Triton unloads a model
+            try:
+                instances[model_id] = await self._unload(model_id, deadline)
+            except MeshError as exc:
+                raise self.namespace.renamed(exc, model_id, name) from None
 
         def stopped() -> bool:
-            return not any(c.instance_id in instances for c in self.table.ready(spec.model_id))
+            return not any(c.instance_id in held for m, held in instances.items() for c in self.table.ready(m))
 
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + UNLOAD_WAIT_S)):
@@ -333,8 +341,15 @@ class Extensions:
                            "registry only (leave repository_name empty)")
 
 
-def _empty(name: str) -> ext.ModelStatistics:
-    stats = ext.ModelStatistics(name=name, version=VERSION)
+def _versioned(name: str, internal: str) -> str:
+    """`name` as the caller gave it, with the version of `internal` ("m@2") when it has one."""
+    version = versions.version_of(internal)
+    return name if version == VERSION else f"{name}{versions.SEP}{version}"
+
+
+def _empty(shown: str) -> ext.ModelStatistics:
+    name, version = versions.split(shown)  # "m@2": model "m", version "2"
+    stats = ext.ModelStatistics(name=name, version=version)
     stats.inference_stats.SetInParent()
     for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
                   "cache_hit", "cache_miss"):

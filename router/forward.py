@@ -122,17 +122,23 @@ class Forwarder:
         try:
             if not self.table.synced:
                 await self._await_sync(deadline)
-            public, spec, request = self.namespace.route(principal, metadata, request)
+            public, spec, request, vmodel = self.namespace.route_vmodel(principal, metadata, request)
             if spec is None:
                 raise unknown_model(self.state, public)
             model_id = spec.model_id
+            at = time.perf_counter()
+            ok = False
             try:
                 response = await self._forward(model_id, request, metadata, deadline)
+                ok = True
             except MeshError as exc:
                 raise self.namespace.renamed(exc, model_id, public) from None
             except PodStatus as exc:
                 exc.details = tenancy.rename(exc.details, model_id, public)
                 raise
+            finally:
+                if vmodel:  # A/B figures per vmodel and target (router/vmodels.py)
+                    self.metrics.vmodel_request(vmodel, model_id, ok, time.perf_counter() - at)
             return self.namespace.response(public, model_id, response)
         finally:
             self.quotas.done(usage, started)
@@ -146,6 +152,7 @@ class Forwarder:
         if self.on_request is not None:
             self.on_request(model_id)
         forward_md = forwarded_metadata(metadata)
+        self.metrics.bind(model_id)  # the modelId label of the request's metrics (opt-in)
         if self.table.ready(model_id):
             self._hits.inc()
         excluded: set[str] = set()

@@ -24,7 +24,7 @@ from mesh.kv.etcd import EtcdClient
 from mesh.kv.keys import Keys
 from mesh.kv.view import View
 from mesh.metrics import Metrics
-from mesh.pb.v1 import registry_pb2_grpc, tokens_pb2_grpc
+from mesh.pb.v1 import registry_pb2_grpc, tokens_pb2_grpc, vmodels_pb2_grpc
 from mesh.process import shutdown_step
 from mesh.rpc import tls
 from mesh.rpc.server import ChannelPool, install_stop_signals, make_server
@@ -41,9 +41,13 @@ from router.miss import MissHandler
 from router.quota import Quotas, TenantStore
 from router.registry import Registry
 from router.registry_api import RegistryServicer
+from router.rest import RestFront
+from router.rest_server import RestServer
 from router.servicer import InferenceServicer
 from router.table import RouteTable
 from router.telemetry import Telemetry
+from router.vmodel_api import VModelServicer
+from router.vmodel_store import VModelStore
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,7 @@ async def serve(
             redis_client(common.redis_url, common.redis_timeout_s),
             TelemetryKeys(common.root, common.telemetry_bucket_s), metrics,
             settings.telemetry_flush_s, common.telemetry_retention_s,
+            usage_retention_s=common.usage_retention_s,
         )
     quotas = Quotas(state, settings, metrics)  # per-tenant quotas (router/quota.py)
     forwarder = Forwarder(state, table, miss, pods, settings, metrics,
@@ -108,12 +113,25 @@ async def serve(
     # Triton's extensions (router/extensions.py), shared by every front.
     triton = Extensions(state, table, forwarder, registry, pods, placement)
     server.add_generic_rpc_handlers([guard.generic(InferenceServicer(state, table, forwarder, triton).handler())])
-    registry_pb2_grpc.add_ModelRegistryServicer_to_server(RegistryServicer(registry, tenant_store), guard.server(server))
+    registry_api = RegistryServicer(registry, tenant_store)
+    registry_pb2_grpc.add_ModelRegistryServicer_to_server(registry_api, guard.server(server))
+    vmodel_store = VModelStore(client, keys, state, table, miss, forwarder.namespace, SystemClock(),
+                               settings.default_deadline_s)  # aliases (router/vmodels.py)
+    vmodels_pb2_grpc.add_VModelsServicer_to_server(VModelServicer(vmodel_store), guard.server(server))
+    supervisor.start("vmodel-switches", vmodel_store.sweep)
+    # The HTTP/JSON front (router/rest.py) over the same forwarder, extensions and registry.
+    rest = RestServer(
+        RestFront(state, table, forwarder, triton, registry_api, authn, metrics, settings.default_deadline_s),
+        settings.rest_listen, settings.max_message_bytes, settings.rest_max_concurrent,
+        settings.rest_keepalive_s, public_tls) if settings.rest_listen else None
     tokens_pb2_grpc.add_TokenAdminServicer_to_server(
         tokens.TokenAdminServicer(client, keys, state, SystemClock(), authn.admin_digests), guard.server(server))
     _log_auth(authn)
     try:
         await server.start()
+        if rest is not None:
+            log.info("router REST (KServe V2 HTTP + registration API) listening on %s:%d (%s)", rest.host,
+                     await rest.start(), "plaintext" if public_tls is None else "HTTPS")
         host = settings.listen.rsplit(":", 1)[0]
         metrics_mod.serve(metrics, host, settings.metrics_port)
         log.info("router listening on %s (port %d, %s), mesh root %s", settings.listen, port,
@@ -121,12 +139,15 @@ async def serve(
         supervisor.start("health", lambda: _serving_once_synced(view, server, drain, stop))
         await process.first_set(stop, drain)
         if not stop.is_set():
-            await _drain(server, settings, stop)
+            await asyncio.gather(_drain(server, settings, stop), *(
+                [rest.drain(settings.drain_settle_s, settings.drain_grace_s, stop)] if rest is not None else []))
     finally:
         log.info("router stopping")
         await shutdown_step("health NOT_SERVING", server.set_serving(False))
         # Stopped at once (or the drain's server stop cut short): cancels what is in flight.
         await shutdown_step("gRPC server stop", server.stop(None), STEP_S)
+        if rest is not None:
+            await shutdown_step("REST server stop", rest.stop(None), STEP_S)
         await shutdown_step("cold-load waits close", miss.close())
         await shutdown_step("background tasks stop", supervisor.stop())
         await shutdown_step("pod channels close", pods.close())

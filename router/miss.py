@@ -94,7 +94,7 @@ class MissHandler:
             raise DeadlineExceeded(
                 f"model '{model_id}' was not ready before the deadline; it may still be loading, retry"
             ) from None
-        m.cache_miss_seconds.labels(m.service).observe(time.perf_counter() - start)
+        m.miss_served(model_id, time.perf_counter() - start)  # ours and ModelMesh's
         return addresses
 
     async def _load_or_ready(self, model_id: str, avoid: frozenset[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Which model a V2 request is for, read without parsing the request.
 
 `mm-vmodel-id` metadata wins, then `mm-model-id` (ModelMesh compatibility), else
-ModelInferRequest.model_name (field 1) read straight from the serialized bytes.
+ModelInferRequest.model_name (field 1) read straight from the serialized bytes. Which of them
+names a vmodel rather than a model is router/vmodels.py's (resolved in router/tenancy.py).
 """
 
 from __future__ import annotations
@@ -38,12 +39,19 @@ def check_length(model_id: str) -> str:
     return model_id
 
 
-def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
+def headers(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, str]:
+    """(mm-vmodel-id, mm-model-id) of the request ("" when absent). A vmodel id names a vmodel
+    (router/vmodels.py) before a model of that name."""
     found: dict[str, str] = {}
     for key, value in metadata or ():
         if key in (VMODEL_HEADER, MODEL_HEADER) and isinstance(value, str):
             found[key] = value
-    return found.get(VMODEL_HEADER) or found.get(MODEL_HEADER) or ""
+    return found.get(VMODEL_HEADER, ""), found.get(MODEL_HEADER, "")
+
+
+def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    vmodel, model = headers(metadata)
+    return vmodel or model
 
 
 def resolve(metadata: Iterable[tuple[str, Any]] | None, request: bytes) -> tuple[str, bytes]:

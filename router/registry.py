@@ -32,6 +32,7 @@ from mesh.kv.keys import Keys
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
 from mesh.types import CopyRecord, CopyState, Decision, ModelSpec, ModelStats
+from router import bulk, versions
 from router.auth import Principal
 from router.quota import Quotas
 from router.tenancy import Namespace, internal_id
@@ -104,6 +105,9 @@ def check_storage_uri(uri: str, settings: RouterSettings, tenant: str = "") -> s
         uripolicy.FileRoots.parse(settings.file_roots, "MESH_ROUTER_FILE_ROOTS").check_registration(uri, path)
     elif scheme in ("http", "https"):
         _egress(settings).check_literal(uri, parts)
+        if len(parts.path) > 1 and parts.path.endswith("/"):
+            raise InvalidArgument(f"invalid storage_uri {uripolicy.show(uri)}: an http(s) URI names one file; "
+                                  "serve a model folder (model.onnx with external data) from file:// or s3://")
     elif not parts.netloc:
         raise InvalidArgument(f"invalid storage_uri {uripolicy.show(uri)}: a {scheme} URI needs a host")
     uripolicy.TenantPrefixes.parse(
@@ -142,8 +146,8 @@ def check_credentials_ref(spec: ModelSpec) -> None:
         raise InvalidArgument(
             f"invalid credentials_ref {errors.quote_id(ref, 80)}: give the name of a Secret (1-253 "
             "characters from a-z 0-9 . - _, starting and ending with a letter or digit)")
-    if urllib.parse.urlsplit(spec.storage_uri).scheme.lower() not in ("http", "https"):
-        raise InvalidArgument("credentials_ref is only used with http(s) storage URIs")
+    if urllib.parse.urlsplit(spec.storage_uri).scheme.lower() not in ("http", "https", "s3"):
+        raise InvalidArgument("credentials_ref is only used with http(s) and s3 storage URIs")
 
 
 def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -180,7 +184,8 @@ def validate(spec: ModelSpec, settings: RouterSettings) -> ModelSpec:
         raise InvalidArgument("invalid sha256: give the artifact's digest as 64 hex characters, or leave it empty")
     labels = check_labels(spec.labels)
     check_serving_options(spec)
-    return dataclasses.replace(spec, format="onnx", sha256=spec.sha256.lower(), labels=labels)
+    return dataclasses.replace(spec, format="onnx", sha256=spec.sha256.lower(), labels=labels,
+                               version=versions.check(spec.version))
 
 
 def check_serving_options(spec: ModelSpec) -> None:
@@ -218,7 +223,8 @@ class Registry:
         tenant, public = self.namespace.owner(principal, spec)
         spec = dataclasses.replace(spec, model_id=public, tenant=tenant)
         spec = validate(spec, self.settings)
-        internal = self.namespace.key_id(principal, tenant, public)
+        # Version N ≥ 2 is its own model, stored as "<id>@<N>" (router/versions.py).
+        internal = versions.concrete_id(self.namespace.key_id(principal, tenant, public), spec.version)
         spec = dataclasses.replace(spec, model_id=internal)
         shown = internal if principal.admin else public  # the id the caller's messages name
         if not self.quotas.of(tenant).max_models:
@@ -227,6 +233,11 @@ class Registry:
             if internal not in self.state.models:  # a retried registration is never refused
                 self.quotas.check_models(tenant)
             return self.namespace_status(principal, await self._register(spec, shown, budget_s))
+
+    async def register_many(self, principal: Principal, specs: list[ModelSpec], replace: bool,
+                            budget_s: float | None = None) -> list[bulk.Result]:
+        """RegisterModels: one result per spec (router/bulk.py)."""
+        return await bulk.register_many(self, principal, specs, replace, budget_s)
 
     async def _register(self, spec: ModelSpec, model_id: str, budget_s: float | None) -> ModelStatus:
         """Registers the validated `spec` (its internal id); `model_id` is the caller's id, for
@@ -264,20 +275,39 @@ class Registry:
             raise AlreadyExists(f"model '{model_id}' is already registered")
         return kv.mod_revision
 
-    async def unregister(self, principal: Principal, model_id: str, budget_s: float | None = None) -> bool:
-        """Deletes the model's key (placement removes its copies); unknown ids, and another
-        tenant's (the same answer), succeed with existed=False. OK once this router's view no
-        longer shows the model."""
+    async def unregister(self, principal: Principal, model_id: str, budget_s: float | None = None,
+                         version: str = "") -> bool:
+        """Deletes the model's key (placement removes its copies): every version of it, or
+        `version` only; unknown ids and versions, and another tenant's (the same answer),
+        succeed with existed=False. OK once this router's view no longer shows them."""
         check_model_id(model_id.partition(":")[2] if principal.admin and ":" in model_id else model_id)
+        if version:
+            versions.check(version)
+        else:
+            try:
+                latest = self.namespace.lookup_version(principal, model_id, "")
+            except MeshError:
+                latest = None
+            if latest is not None:
+                others = sorted(self.namespace.versions.held(versions.split(latest.model_id)[0]).items(), reverse=True)
+                existed = False
+                for number, _ in others:  # the highest first: "" never names a version just deleted
+                    existed = await self.unregister(principal, model_id, budget_s, str(number)) or existed
+                return existed
+            version = versions.FIRST
         deadline = self._deadline(budget_s)
-        spec = self.namespace.lookup(principal, model_id)
+        try:
+            spec = self.namespace.lookup_version(principal, model_id, version)
+        except errors.NotFound:
+            spec = None  # the model lacks that version: its key is deleted anyway (below)
         if spec is not None:
             internal = spec.model_id
         else:
             # Not in this view: the caller's own key is deleted anyway (registered through
             # another router a moment ago, say); it lies in the caller's namespace, so it is
             # never another tenant's, unless the view shows it is (a pre-namespacing record).
-            internal = model_id if principal.admin else internal_id(principal.tenant, model_id)
+            internal = versions.concrete_id(
+                model_id if principal.admin else internal_id(principal.tenant, model_id), version)
             if internal in self.state.models:
                 return False  # another tenant's model: answered as an absent one, untouched
         try:
@@ -291,8 +321,11 @@ class Registry:
             f"model '{model_id}' is unregistered, but this router still shows it; retry shortly")
         return existed
 
-    def get(self, principal: Principal, model_id: str) -> ModelStatus:
-        spec = self.namespace.lookup(principal, model_id)
+    def get(self, principal: Principal, model_id: str, version: str = "") -> ModelStatus:
+        """The model's status: version 1 for "", or its highest version when it has no version 1."""
+        spec = None if version else self.namespace.lookup(principal, model_id)
+        if spec is None:
+            spec = self.namespace.lookup_version(principal, model_id, version)
         if spec is None:
             raise unknown_model(self.state, model_id)  # another tenant's model: the very same answer
         return self.namespace_status(principal, self.status_of(spec))
@@ -329,6 +362,9 @@ class Registry:
         """`status` as `principal` may see it: its id the one the caller knows it by, and other
         tenants' model ids taken out of placement's decision text."""
         spec = self.namespace.shown(principal, status.spec)
+        base, version = versions.split(spec.model_id)
+        if version != versions.FIRST:  # "m@2": model "m", version "2" (router/versions.py)
+            spec = dataclasses.replace(spec, model_id=base, version=version)
         decision = status.decision
         if decision is not None:
             decision = dataclasses.replace(decision, reason=self.namespace.scrub(principal, decision.reason))
@@ -386,4 +422,23 @@ async def artifact_bytes(uri: str, deadline: float) -> int:
             info = await asyncio.to_thread(os.stat, path)
     except (OSError, TimeoutError, ValueError):
         return 0
+    if stat.S_ISDIR(info.st_mode):  # a model folder: its files in all (bounded, in a thread)
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + STAT_TIMEOUT_S)):
+                return await asyncio.to_thread(_folder_bytes, path)
+        except (OSError, TimeoutError):
+            return 0
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
+def _folder_bytes(path: str, limit: int = 1000) -> int:
+    total = seen = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            seen += 1
+            if seen > limit:
+                return 0
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                total += os.path.getsize(full)
+    return total

@@ -9,6 +9,7 @@ import grpc
 
 from mesh import uripolicy
 from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
+from mesh.rpc.status import code_of
 from mesh.types import CopyState, ModelSpec, TenantSpec
 from router import auth
 from router.quota import TenantStore
@@ -102,16 +103,29 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return status_to_pb(await self.registry.register(
             caller(), spec_from_pb(request.spec), context.time_remaining()))
 
+    async def RegisterModels(
+        self, request: registry_pb2.RegisterModelsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisterModelsResponse:
+        results = await self.registry.register_many(
+            caller(), [spec_from_pb(m.spec) for m in request.models], request.replace, context.time_remaining())
+        return registry_pb2.RegisterModelsResponse(results=[
+            registry_pb2.RegisterModelResult(
+                model_id=r.model_id, action=r.action,
+                code=code_of(r.error).value[0] if r.error is not None else 0,
+                message=r.error.message if r.error is not None else "")
+            for r in results])
+
     async def UnregisterModel(
         self, request: registry_pb2.UnregisterModelRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.UnregisterModelResponse:
-        existed = await self.registry.unregister(caller(), request.model_id, context.time_remaining())
+        existed = await self.registry.unregister(caller(), request.model_id, context.time_remaining(),
+                                                 version=request.version)
         return registry_pb2.UnregisterModelResponse(existed=existed)
 
     async def GetModel(
         self, request: registry_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.ModelStatus:
-        return status_to_pb(self.registry.get(caller(), request.model_id))
+        return status_to_pb(self.registry.get(caller(), request.model_id, request.version))
 
     async def ListModels(
         self, request: registry_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

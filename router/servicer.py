@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from mesh import errors, process
 from mesh.pb.inference import extensions_pb2 as ext
 from mesh.state import MeshState
-from router import extensions, tenancy, v2
+from router import extensions, modelid, tenancy, v2, versions
 from router.extensions import Extensions
 from router.forward import Forwarder
 from router.registry import unknown_model
@@ -47,27 +47,32 @@ class InferenceServicer:
     async def server_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._server_metadata
 
-    def _known(self, request: bytes) -> tuple[str, str]:
+    def _known(self, request: bytes, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         """(the caller's id, the mesh's internal id) of the model a ModelReady / ModelMetadata
-        request names; another tenant's model answers exactly as an absent one."""
-        name = v2.name_of(request)
-        spec = self.forwarder.namespace.lookup(tenancy.caller(), name)
+        request names, at the version it asks for (NOT_FOUND for one the model lacks); another
+        tenant's model answers exactly as an absent one. A vmodel's
+        name (or mm-vmodel-id) answers for its primary target (router/vmodels.py)."""
+        metadata = context.invocation_metadata()
+        vheader, mheader = modelid.headers(metadata)
+        name = vheader or mheader or v2.name_of(request)
+        shown, spec, _ = self.forwarder.namespace.resolve(
+            tenancy.caller(), name, metadata, vmodel_first=bool(vheader), control=True,
+            version=v2.version_of(request))  # "" = the highest (router/versions.py)
         if spec is None:
-            raise unknown_model(self.state, name)
-        return name, spec.model_id
+            raise unknown_model(self.state, shown)
+        return shown, spec.model_id
 
     async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return v2.live_response(bool(self.table.ready(self._known(request)[1])))
+        return v2.live_response(bool(self.table.ready(self._known(request, context)[1])))
 
     async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """From the registry and the last load's tensor metadata; a model never loaded is loaded
         first (as Triton and ModelMesh do), since only onnxruntime knows its tensors."""
-        name, internal = self._known(request)
-        extensions.check_version(name, v2.version_of(request))
+        name, internal = self._known(request, context)
         stats = await self.extensions.tensors(name, internal, self.forwarder.budget(context))
         return v2.model_metadata_response(
             name,
-            [extensions.VERSION],
+            self.forwarder.namespace.versions.versions(versions.split(internal)[0]),
             PLATFORM,
             stats.inputs if stats else (),
             stats.outputs if stats else (),

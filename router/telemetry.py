@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from mesh.metrics import Metrics
-from mesh.telemetry import LAST_TTL_S, TelemetryKeys
+from mesh.telemetry import LAST_TTL_S, REQUESTS_FIELD, USAGE_RETENTION_S, TelemetryKeys
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,14 @@ class Telemetry:
         flush_s: float = 1.0,
         retention_s: int = 600,
         now_ms: Callable[[], int] | None = None,
+        usage_retention_s: int = USAGE_RETENTION_S,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.metrics = metrics
         self.flush_s = flush_s
         self.retention_s = retention_s
+        self.usage_retention_s = usage_retention_s
         self.now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         self._counts: collections.Counter[tuple[int, str]] = collections.Counter()
         self._last: dict[str, int] = {}
@@ -67,6 +69,13 @@ class Telemetry:
                     pipe.hincrby(key, model_id, n)
             # Expire relative to the bucket's end, so a late flush cannot keep it forever.
             pipe.expire(key, self.retention_s + self.keys.bucket_s)
+        hours: collections.Counter[tuple[int, str]] = collections.Counter()
+        for (b, model_id), n in counts.items():
+            hours[(self.keys.hour_of_bucket(b), model_id)] += n
+        for (hour, model_id), n in sorted(hours.items()):  # the showback's hourly counts (`mesh usage`)
+            pipe.hincrby(self.keys.usage(hour), REQUESTS_FIELD + model_id, n)
+        for hour in sorted({h for h, _ in hours}):
+            pipe.expire(self.keys.usage(hour), self.usage_retention_s)
         if last:
             pipe.zadd(self.keys.last(), last, gt=True)
             pipe.expire(self.keys.last(), LAST_TTL_S)

@@ -28,14 +28,15 @@ tenant's call, and two byte appends (request and response); see docs/SECURITY.md
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from collections.abc import Iterable
 from typing import Any
 
 from mesh.errors import InvalidArgument, MeshError, PermissionDenied
 from mesh.state import MeshState
-from mesh.types import ModelSpec
-from router import auth, modelid, wire
+from mesh.types import ModelSpec, VModelRecord
+from router import auth, modelid, versions, vmodels, wire
 from router.auth import Principal
 
 SEP = ":"
@@ -67,8 +68,10 @@ def rename(text: str, internal: str, public: str) -> str:
 class Namespace:
     """The translation between a caller's ids and the mesh's, over the watched MeshState."""
 
-    def __init__(self, state: MeshState) -> None:
+    def __init__(self, state: MeshState, rng: random.Random | None = None) -> None:
         self.state = state
+        self._rng = rng or random.Random()  # vmodels' weighted picks
+        self.versions = versions.Index(state)  # model id -> its registered versions
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -87,6 +90,17 @@ class Namespace:
         if spec is None or spec.tenant != tenant:
             return None
         return spec
+
+    def lookup_version(self, principal: Principal, name: str, version: str) -> ModelSpec | None:
+        """As `lookup`, for `version` of the model ("" = the highest; router/versions.py).
+        NotFound for a version a model the caller sees lacks."""
+        if principal.admin:
+            bases = [name]
+        elif SEP in name:
+            bases = []
+        else:  # its namespaced id, then a registration from before ids were namespaced
+            bases = [internal_id(principal.tenant, name)] + ([name] if principal.tenant else [])
+        return versions.lookup(self.state, self.versions, lambda s: self.visible(principal, s), bases, name, version)
 
     def visible(self, principal: Principal, spec: ModelSpec) -> bool:
         return principal.admin or spec.tenant == principal.tenant
@@ -149,26 +163,74 @@ class Namespace:
     def route(
         self, principal: Principal, metadata: Iterable[tuple[str, Any]] | None, request: bytes
     ) -> tuple[str, ModelSpec | None, bytes]:
-        """(public id, the model or None when absent to this caller, request bytes to forward).
+        """(public id, the model or None when absent to this caller, request bytes to forward)."""
+        public, spec, request, _ = self.route_vmodel(principal, metadata, request)
+        return public, spec, request
+
+    def route_vmodel(
+        self, principal: Principal, metadata: Iterable[tuple[str, Any]] | None, request: bytes
+    ) -> tuple[str, ModelSpec | None, bytes, str]:
+        """As `route`, with the internal name of the vmodel the request named ("" if none).
 
         The id comes from the mm-vmodel-id / mm-model-id metadata, else field 1 (as
-        modelid.resolve); the forwarded bytes name the internal id in a last field 1, appended
-        at most once (none at all for the default tenant's and an admin's own ids)."""
-        header = modelid.from_metadata(metadata)
+        modelid.resolve); a vmodel's name resolves to one of its targets (router/vmodels.py),
+        and the public id returned is then the concrete model's (the response names it). The
+        forwarded bytes name the internal id in a last field 1, appended at most once (none at
+        all for the default tenant's and an admin's own ids)."""
+        vheader, mheader = modelid.headers(metadata)
         body = modelid.model_name(request)
-        public = header or body
-        if not public:
+        name = vheader or mheader or body
+        if not name:
             raise InvalidArgument("no model id: set ModelInferRequest.model_name or the mm-model-id header")
-        spec = self.lookup(principal, public)
+        version = wire.string_field(request, 2)  # model_version (router/versions.py)
+        public, spec, vmodel = self.resolve(principal, name, metadata, vmodel_first=bool(vheader), version=version)
         if spec is None:
-            return public, None, request
+            return public, None, request, vmodel
         if spec.model_id != body:
             request = request + wire.string(1, spec.model_id)
-        return public, spec, request
+        if not vmodel:
+            request = versions.forwarded(request, version)
+        return public, spec, request, vmodel
+
+    def vmodel(self, principal: Principal, name: str) -> VModelRecord | None:
+        """The vmodel `name` means to `principal` (as `lookup` for models), or None."""
+        vms = self.state.vmodels
+        if not vms:
+            return None
+        if principal.admin:
+            return vms.get(name)
+        if SEP in name:
+            return None
+        record = vms.get(internal_id(principal.tenant, name))
+        return record if record is not None and record.tenant == principal.tenant else None
+
+    def resolve(
+        self, principal: Principal, name: str, metadata: Iterable[tuple[str, Any]] | None,
+        vmodel_first: bool = False, control: bool = False, version: str = "",
+    ) -> tuple[str, ModelSpec | None, str]:
+        """(the id to show for the concrete model, the model or None, the vmodel's internal
+        name or ""). `vmodel_first`: the name came as mm-vmodel-id (a vmodel wins over a
+        model of the same name). `control`: a ModelReady / ModelMetadata, answered for the
+        vmodel's primary target (router/vmodels.py) rather than a random pick. `version`: the
+        request's model_version ("" = the highest; router/versions.py)."""
+        spec = None if vmodel_first else self.lookup_version(principal, name, version)
+        if spec is not None:
+            return name, spec, ""
+        record = self.vmodel(principal, name)
+        if record is None:
+            return name, (self.lookup_version(principal, name, version) if vmodel_first else None), ""
+        headers = vmodels.text_headers(metadata)
+        target = vmodels.primary(record, headers) if control else vmodels.pick(record, headers, self._rng)
+        spec = self.state.models.get(target)
+        if spec is None:  # a target unregistered since: NOT_FOUND, naming neither tenant nor key
+            return (target.partition(SEP)[2] or target) if target else name, None, record.name
+        return self.shown_id(principal, spec), spec, record.name
 
     @staticmethod
     def response(public: str, internal: str, response: bytes) -> bytes:
-        """The pod's ModelInferResponse with model_name (field 1) the caller's id again."""
+        """The pod's ModelInferResponse with model_name (field 1) the caller's id again, and
+        model_version (field 2) the version that answered (router/versions.py)."""
+        response = versions.response(response, internal)
         return response if internal == public else response + wire.string(1, public)
 
     @staticmethod

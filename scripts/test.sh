@@ -12,6 +12,13 @@ if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $missing >/dev/null || echo "warning: could not install$missing"
 fi
+# KServe's Python SDK pins protobuf < 7, which .venv cannot have: its clients run unchanged from
+# a venv of their own (tests/integration/test_rest.py, MESH_TEST_KSERVE_PYTHON).
+if [ ! -x .venv-kserve/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv-kserve
+  .venv-kserve/bin/python -m pip install -q "kserve==0.21.0" || { rm -rf .venv-kserve; echo "warning: could not install kserve"; }
+fi
+[ -x .venv-kserve/bin/python ] && export MESH_TEST_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
 ruff check mesh router placement puller tests tools bench
 mypy mesh router placement puller
 exec python -m pytest -q "$@"

@@ -73,6 +73,13 @@ def _registry(channel: grpc.Channel) -> registry_pb2_grpc.ModelRegistryStub:
 
 
 def register(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    if args.repository:
+        from mesh.cli import repo
+
+        return repo.register_repository(channel, args)
+    if not args.model_id or not args.storage_uri:
+        print("error: give ID and URI, or --repository DIR|s3://bucket/prefix", file=sys.stderr)
+        return 2
     uri = args.storage_uri
     if "://" not in uri:
         uri = pathlib.Path(uri).resolve().as_uri()
@@ -80,7 +87,8 @@ def register(channel: grpc.Channel, args: argparse.Namespace) -> int:
                                tenant=args.tenant, labels=dict(args.label), credentials_ref=args.credentials_ref,
                                min_copies=args.min_copies, max_copies=args.max_copies,
                                max_batch_size=args.max_batch_size,
-                               max_queue_delay_us=args.max_queue_delay_us)
+                               max_queue_delay_us=args.max_queue_delay_us,
+                               idle_unload_s=args.idle_ttl, version=args.version)
     try:
         _registry(channel).RegisterModel(registry_pb2.RegisterModelRequest(spec=spec), timeout=args.timeout)
     except grpc.RpcError as exc:
@@ -88,14 +96,15 @@ def register(channel: grpc.Channel, args: argparse.Namespace) -> int:
             print("hint: a mesh started with `mesh up` reads models from its state folder's models/ and "
                   "the folders given with --file-root DIR", file=sys.stderr)
         raise
-    print(f"registered {args.model_id} -> {uri}")
+    print(f"registered {args.model_id}{f' version {args.version}' if args.version else ''} -> {uri}")
     return 0
 
 
 def unregister(channel: grpc.Channel, args: argparse.Namespace) -> int:
     resp = _registry(channel).UnregisterModel(
-        registry_pb2.UnregisterModelRequest(model_id=args.model_id), timeout=args.timeout)
-    print(f"unregistered {args.model_id}" if resp.existed else f"{args.model_id} was not registered")
+        registry_pb2.UnregisterModelRequest(model_id=args.model_id, version=args.version), timeout=args.timeout)
+    shown = f"{args.model_id} version {args.version}" if args.version else args.model_id
+    print(f"unregistered {shown}" if resp.existed else f"{shown} was not registered")
     return 0
 
 
@@ -105,21 +114,40 @@ def _state(status: types_pb2.ModelStatus) -> str:
 
 def list_models(channel: grpc.Channel, args: argparse.Namespace) -> int:
     token, rows = "", []
+    models: list[types_pb2.ModelStatus] = []
     while True:
         resp = _registry(channel).ListModels(
             registry_pb2.ListModelsRequest(page_token=token, tenant=args.tenant), timeout=args.timeout)
         for m in resp.models:
             rows.append((m.spec.model_id, m.spec.tenant or "-", _state(m), str(len(m.copies)),
                          _size(m.size_bytes), m.spec.storage_uri))
+        models.extend(resp.models)
         token = resp.next_page_token
         if not token:
             break
+    if getattr(args, "output", "table") == "json":
+        return _json([_status_dict(m) for m in models])
     _table(("MODEL", "TENANT", "STATE", "COPIES", "SIZE", "URI"), rows)
+    return 0
+
+
+def _status_dict(m: types_pb2.ModelStatus) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _json(value: object) -> int:
+    import json
+
+    print(json.dumps(value, indent=2, sort_keys=True))
     return 0
 
 
 def status(channel: grpc.Channel, args: argparse.Namespace) -> int:
     m = _registry(channel).GetModel(registry_pb2.GetModelRequest(model_id=args.model_id), timeout=args.timeout)
+    if getattr(args, "output", "table") == "json":
+        return _json(_status_dict(m))
     print(f"model:   {m.spec.model_id}\nuri:     {m.spec.storage_uri}\nstate:   {_state(m)}")
     measured = f" ({m.measure_method})" if m.measure_method else ""
     print(f"size:    {_size(m.size_bytes)}{measured}   load: {m.load_ms} ms")
@@ -163,7 +191,9 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
             array = (rng.random(dims) * 10).astype(DTYPES[datatype])
         request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
         request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-    resp = stub.ModelInfer(request, timeout=args.timeout)
+    headers = tuple((k.lower(), v) for k, v in getattr(args, "header", []))  # e.g. a vmodel's sticky / tag header
+    resp = stub.ModelInfer(request, timeout=args.timeout, metadata=headers or None)
+    print(f"model {resp.model_name} version {resp.model_version or '-'}")  # a vmodel's: the target that answered
     for i, out in enumerate(resp.outputs):
         if out.datatype in DTYPES and i < len(resp.raw_output_contents):
             value = np.frombuffer(resp.raw_output_contents[i], dtype=DTYPES[out.datatype]).reshape(list(out.shape))
@@ -180,9 +210,9 @@ def _size(n: int) -> str:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]] | list) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    from mesh.cli import tables
+
+    tables.show(header, rows)
 
 
 def generate_token() -> int:
@@ -291,6 +321,18 @@ def tenant(channel: grpc.Channel, args: argparse.Namespace) -> int:
     return TENANT_COMMANDS[args.tenant_command](channel, args)
 
 
+def _alias(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    from mesh.cli import alias
+
+    return alias.run(channel, args)
+
+
+def _top(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    from mesh.cli import top
+
+    return top.run(channel, args)
+
+
 COMMANDS = {
     "register": register,
     "unregister": unregister,
@@ -298,4 +340,6 @@ COMMANDS = {
     "status": status,
     "infer": infer,
     "tenant": tenant,
+    "top": _top,
+    "alias": _alias,
 }

@@ -41,6 +41,7 @@ from mesh.pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 class LocalMesh:
     state_dir: pathlib.Path
     router_port: int = 0
+    rest_port: int = 0  # the first router's REST port (0: a free one); the others get free ports
     pods: int = 2
     capacity: str = "64MiB"
     etcd: str = ""  # host:port of an existing etcd; empty starts one
@@ -81,6 +82,15 @@ class LocalMesh:
     @property
     def router_addresses(self) -> list[str]:
         return [f"127.0.0.1:{self.ports[router_name(i)]}" for i in range(self.routers)]
+
+    @property
+    def rest_address(self) -> str:
+        """host:port of the first router's REST (KServe V2 HTTP) front."""
+        return f"127.0.0.1:{self.ports['router-rest']}"
+
+    @property
+    def rest_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.ports[router_name(i) + '-rest']}" for i in range(self.routers)]
 
     @property
     def etcd_endpoint(self) -> str:
@@ -204,8 +214,11 @@ class LocalMesh:
         name = router_name(i)
         if name not in self.ports:
             self.ports[name] = (self.router_port or procs.free_port()) if i == 0 else procs.free_port()
+        if f"{name}-rest" not in self.ports:
+            self.ports[f"{name}-rest"] = (self.rest_port or procs.free_port()) if i == 0 else procs.free_port()
         self._spawn(name, "router", {
             "MESH_ROUTER_LISTEN": f"127.0.0.1:{self.ports[name]}",
+            "MESH_ROUTER_REST_LISTEN": f"127.0.0.1:{self.ports[name + '-rest']}",
             "MESH_ROUTER_ADMIN_TOKEN_SHA256": credentials.digest(self.token),
             "MESH_ROUTER_ALLOW_ANONYMOUS": "true" if self.allow_anonymous else "false",
         })

@@ -5,10 +5,19 @@
                                     + demo models; a child that dies is restarted
     mesh router|placement|runtime   one process, configured by MESH_* variables (containers)
     mesh register ID URI [--sha256 H] [--tenant T] [--label k=v] [--min-copies N] [--max-copies N]
-                         [--max-batch-size N] [--max-queue-delay-us US]
-    mesh list | status ID | infer ID [--input JSON] | unregister ID
+                         [--max-batch-size N] [--max-queue-delay-us US] [--idle-ttl S] [--version N]
+    mesh register --repository DIR|s3://bucket/prefix [--prune] [--no-update]
+                                    every model of a Triton-style repository, in one call
+    mesh list | status ID [--output table|json] | infer ID [--input JSON] | unregister ID
+    mesh top [--once | --iterations N] [--interval S] [--metrics HOST:PORT]
+                                    busiest models, hit ratio, pods' memory, refreshed
+    mesh usage [--since 24h] [--tenant T] [--output table|json|csv] [--redis URL]
+                                    showback: requests and memory-seconds per tenant and model
     mesh token create --tenant T [--scope infer|tenant|admin] [--name N] [--expires 30d] | token list
          | token revoke NAME|ID|TOKEN | token generate
+    mesh alias set NAME MODEL[=WEIGHT] ... [--sticky-header H] [--tag HEADER=VALUE:MODEL]
+         | alias get|status|delete NAME | alias list
+                                    vmodels: one name over several models (mesh/cli/alias.py)
     mesh tenant set T [--max-models N] [--max-requests-per-s R] [--max-in-flight N]
                       [--memory-reserved SIZE] [--memory-cap SIZE] | tenant get T | tenant list
          | tenant delete T
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -62,10 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run the whole mesh on this machine with demo models")
+    up = sub.add_parser("up", help="run the whole mesh on this machine with demo models (or a repository)")
     up.add_argument("--etcd", metavar="HOST:PORT", help="use this etcd instead of starting one")
     up.add_argument("--state-dir", default=".mesh", help="etcd data, caches and logs (default .mesh)")
     up.add_argument("--port", type=int, default=8033, help="router port (default 8033)")
+    up.add_argument("--rest-port", type=int, default=8008,
+                    help="router REST (KServe V2 HTTP) port (default 8008, ModelMesh's REST port)")
     up.add_argument("--pods", type=int, default=2, help="runtime pods (default 2)")
     up.add_argument("--placements", type=_positive, default=2,
                     help="placement replicas: one leads, the others stand by (default 2)")
@@ -78,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--file-root", action="append", default=[], metavar="DIR",
                     help="a folder whose models may be registered by path / file:// (repeatable; the "
                          "state folder's models/ always is, file:// elsewhere is refused)")
+    up.add_argument("--repository", default="", metavar="DIR",
+                    help="serve a Triton-style model repository (like tritonserver --model-repository): "
+                         "every model in it is registered at start")
+    up.add_argument("--repository-poll", type=_duration, default=0, metavar="DURATION",
+                    help="with --repository: scan it again this often (e.g. 30s) and register added, "
+                         "update changed and unregister removed models (default: only at start)")
     up.add_argument("--allow-anonymous", action="store_true",
                     help="let callers without a token in as the default tenant (local development only)")
 
@@ -93,9 +111,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate (router requiring mTLS)")
         p.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
 
-    reg = sub.add_parser("register", help="register a model")
-    reg.add_argument("model_id")
-    reg.add_argument("storage_uri", help="file:///abs/model.onnx or http(s)://...; a local path is made a file:// URI")
+    reg = sub.add_parser("register", help="register a model, or every model of a repository")
+    reg.add_argument("model_id", nargs="?", default="")
+    reg.add_argument("storage_uri", nargs="?", default="",
+                     help="file:///abs/model.onnx (or a model folder), http(s)://..., s3://bucket/key (or "
+                          "s3://bucket/prefix/ for a folder); a local path is made a file:// URI")
+    reg.add_argument("--repository", default="", metavar="DIR|s3://BUCKET/PREFIX",
+                     help="register (or update) every model of a Triton-style repository "
+                          "(<name>/config.pbtxt, <name>/<version>/model.onnx) in one call")
+    reg.add_argument("--no-update", action="store_true",
+                     help="--repository: leave models registered with another spec as they are (ALREADY_EXISTS)")
+    reg.add_argument("--prune", action="store_true",
+                     help="--repository: unregister models registered from it that it no longer holds")
     reg.add_argument("--sha256", default="")
     reg.add_argument("--tenant", default="")
     reg.add_argument("--credentials-ref", default="", metavar="NAME",
@@ -106,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="copies kept loaded at all times (0: loaded on first use only)")
     reg.add_argument("--max-copies", type=_count, default=0,
                      help="most copies placement may add for load (0: the mesh's default)")
+    reg.add_argument("--idle-ttl", type=_count, default=0, metavar="SECONDS",
+                     help="scale to zero: unload the last copy after this long without a request "
+                          "(min copies 0 only; 0: the mesh's MESH_PLACEMENT_IDLE_UNLOAD_S)")
+    reg.add_argument("--version", default="", metavar="N",
+                     help="register version N (a positive integer) of the model; \"\" is version 1 "
+                          "(requests with an empty model_version get the highest)")
     reg.add_argument("--max-batch-size", type=_count, default=0,
                      help="dynamic batching: at most this many rows per run (0 or 1: off)")
     reg.add_argument("--max-queue-delay-us", type=_count, default=0,
@@ -115,21 +148,46 @@ def _parser() -> argparse.ArgumentParser:
 
     unreg = sub.add_parser("unregister", help="remove a model and its copies")
     unreg.add_argument("model_id")
+    unreg.add_argument("--version", default="", metavar="N", help="only this version (default: all of them)")
     target(unreg)
 
     lst = sub.add_parser("list", help="list registered models")
     lst.add_argument("--tenant", default="")
+    lst.add_argument("--output", choices=("table", "json"), default="table",
+                     help="table (aligned text; a rich table on a terminal) or json")
     target(lst)
 
     status = sub.add_parser("status", help="where a model is loaded, its state, size and last error")
     status.add_argument("model_id")
+    status.add_argument("--output", choices=("table", "json"), default="table",
+                        help="table (aligned text; a rich table on a terminal) or json")
     target(status)
+
+    top = sub.add_parser("top", help="models by request rate, hit ratio and pods' memory, refreshed")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    top.add_argument("--once", action="store_true", help="print one frame (after one interval) and exit")
+    top.add_argument("--iterations", type=_count, default=0, help="exit after this many frames (0: until Ctrl-C)")
+    top.add_argument("--limit", type=_positive, default=20, help="models shown (default 20)")
+    top.add_argument("--metrics", action="append", default=[], metavar="HOST:PORT",
+                     help="a router's or pod's Prometheus port (repeatable): hit ratio, pods' capacity")
+    target(top)
+
+    usage = sub.add_parser("usage", help="showback: requests and memory-seconds per tenant and model (from Redis)")
+    usage.add_argument("--since", type=_duration, default=24 * 3600, help="window, e.g. 24h, 7d (default 24h)")
+    usage.add_argument("--tenant", default="", help="only this tenant's models ('default' for the default tenant)")
+    usage.add_argument("--output", choices=("table", "json", "csv"), default="table")
+    usage.add_argument("--redis", default="", metavar="URL", help="the mesh's Redis (default: MESH_REDIS_URL)")
+    usage.add_argument("--root", default=os.environ.get("MESH_ROOT", "/meshserve"),
+                       help="the mesh's etcd root (default: MESH_ROOT, else /meshserve)")
+    usage.add_argument("--timeout", type=float, default=10.0, help="Redis timeout in seconds")
 
     infer = sub.add_parser("infer", help="run inference (random inputs unless --input is given)")
     infer.add_argument("model_id")
     infer.add_argument("--input", action="append", default=[], type=_named_json, metavar="NAME=JSON",
                        help='e.g. input=[[1,2,3,4]]; repeat per input')
     infer.add_argument("--batch", type=_count, default=1, help="batch size for random inputs")
+    infer.add_argument("--header", action="append", default=[], type=_label, metavar="KEY=VALUE",
+                       help="request metadata, e.g. a vmodel's sticky or tag header (repeatable)")
     target(infer)
 
     token = sub.add_parser("token", help="API tokens (admin): create, list, revoke; generate one offline")
@@ -169,6 +227,9 @@ def _parser() -> argparse.ArgumentParser:
         one.add_argument("tenant", help='the tenant ("" for the default tenant)')
         target(one)
     target(tnsub.add_parser("list", help="every tenant with quotas or models"))
+    from mesh.cli import alias
+
+    alias.add_parser(sub, target)
     return parser
 
 
@@ -214,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         from mesh.cli import up
 
         sys.exit(up.run(args))
+    elif args.command == "usage":
+        from mesh.cli import usage
+
+        sys.exit(usage.run(args))
     else:
         from mesh.cli import client
 

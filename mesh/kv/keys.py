@@ -9,6 +9,7 @@
     <root>/leader/placement                    LeaderRecord     placement, leased
     <root>/tokens/<sha256 of token>            TokenRecord      admin (mesh token ...)
     <root>/tenants/<tenant>                    TenantSpec       admin (mesh tenant ...)
+    <root>/vmodels/<internal name>             VModelRecord     router (VModels API, mesh alias ...)
 
 Model and instance ids never contain '/', so a key splits unambiguously.
 """
@@ -26,6 +27,7 @@ LEADER = "leader"
 DECISIONS = "decisions"
 TOKENS = "tokens"
 TENANTS = "tenants"
+VMODELS = "vmodels"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Keys:
 
     def tenant(self, tenant: str) -> str:
         return f"{self.root}/{TENANTS}/{tenant}"
+
+    def vmodel(self, name: str) -> str:
+        return f"{self.root}/{VMODELS}/{name}"
 
     def leader(self) -> str:
         return f"{self.root}/{LEADER}/placement"

@@ -155,7 +155,9 @@ class _Recorder:
             m = self.metrics
             counter = self.counts[code] = m.requests.labels(m.service, self.method, code.name)
         counter.inc()
-        self.seconds.observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.seconds.observe(elapsed)
+        self.metrics.request_done(self.method, code.name, elapsed)
 
 
 async def _fail(exc: BaseException, context: grpc.aio.ServicerContext, record: _Recorder, start: float) -> None:

@@ -1,7 +1,10 @@
 """Storage backends: a provider turns a URI into a client; a client has one `pull`.
 
 One file per backend, registered in the explicit table `providers()` builds (no import side
-effects, no plugin discovery). The cache (puller/cache.py) is the only caller. A client tells
+effects, no plugin discovery): file (puller/storage/file.py), http(s) (http.py), s3 (s3.py).
+The cache (puller/cache.py) is the only caller. An artifact is a folder in the cache: one file
+(model.onnx) or several (model.onnx, its ONNX external-data files, config.pbtxt), pulled by a
+client's `pull_tree` as a unit. A client tells
 the cache the artifact's size before writing it (`reserve`, so the cache can make room on its
 disk first) and reports a full disk as `DiskFull` (so the cache can evict and retry), never
 as a plain LoadFailed that would name the cache's own paths.
@@ -79,6 +82,17 @@ class StorageClient(Protocol):
         ...
 
 
+class TreeClient(StorageClient, Protocol):
+    async def pull_tree(self, uri: str, folder: str, reserve: Reserve | None = None,
+                        auth: Auth | None = None) -> None:
+        """Writes the artifact at `uri` into the empty folder `folder`: a single file as
+        `model.onnx`, a multi-file artifact (a directory, an s3 prefix) as its files at their
+        relative paths, model.onnx at the top among them; `reserve(total)` is called once with
+        the size of all files before any is written. Same errors as `pull`. A client without
+        this method serves single files only (the cache pulls them to folder/model.onnx)."""
+        ...
+
+
 class Provider(Protocol):
     def client(self, uri: str) -> StorageClient: ...
 
@@ -89,6 +103,7 @@ def providers(settings: RuntimeSettings) -> dict[str, Provider]:
     from puller.storage.credentials import Credentials
     from puller.storage.file import FileProvider
     from puller.storage.http import HttpProvider
+    from puller.storage.s3 import S3Config, S3Provider
 
     roots = uripolicy.FileRoots.parse(settings.file_roots, "MESH_RUNTIME_FILE_ROOTS")
     egress = uripolicy.Egress.parse(settings.allowed_networks, settings.allowed_hosts, "MESH_RUNTIME")
@@ -97,7 +112,13 @@ def providers(settings: RuntimeSettings) -> dict[str, Provider]:
     http = HttpProvider(settings.download_timeout_s, settings.max_artifact_bytes, egress,
                         settings.max_redirects, Credentials(settings.credentials_dir), prefixes)
     files = FileProvider(settings.max_artifact_bytes, roots, settings.allow_hard_links)
-    return {"file": files, "http": http, "https": http}
+    s3 = S3Provider(S3Config(
+        endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+        addressing_style=settings.s3_addressing_style, profile=settings.s3_profile,
+        max_attempts=settings.s3_max_attempts, verify_tls=settings.s3_verify_tls,
+        timeout_s=settings.download_timeout_s, max_bytes=settings.max_artifact_bytes,
+    ), Credentials(settings.credentials_dir), prefixes)
+    return {"file": files, "http": http, "https": http, "s3": s3}
 
 
 def client_for(table: dict[str, Provider], uri: str) -> StorageClient:

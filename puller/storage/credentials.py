@@ -5,7 +5,8 @@ mesh/uripolicy.py): they would be stored in etcd and shown to every client that 
 The pod reads `<MESH_RUNTIME_CREDENTIALS_DIR>/<tenant>/<ref>` (`_default` for the default
 tenant), so one tenant cannot name another's: either a file (JSON {"headers": {...}} or
 {"token": "..."}, else the whole file is a bearer token) or a folder, e.g. a Kubernetes Secret
-mounted there, with keys `token` and/or `headers.json`. The folder is the operator's, so
+mounted there, with keys `token` and/or `headers.json` (http(s)), or `AWS_ACCESS_KEY_ID` /
+`AWS_SECRET_ACCESS_KEY` (s3, `s3_keys`). The folder is the operator's, so
 symlinks in it are followed (Secret volumes are made of them); the ref and tenant are checked
 against a strict charset before any path is built. No error, log line or status repeats a
 credential or the folder's path.
@@ -22,11 +23,50 @@ from mesh.errors import LoadFailed, quote_id
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
 MAX_BYTES = 64 * 1024
+_S3_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
 
 class Credentials:
     def __init__(self, folder: str) -> None:
         self.folder = folder
+
+    def s3_keys(self, tenant: str, ref: str) -> dict[str, str]:
+        """The S3 keys `ref` of `tenant` stands for ({} without a ref: the pod's own): a folder
+        (a mounted Secret) with keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and optionally
+        AWS_SESSION_TOKEN (or the same in lower case), or a JSON file of them. Raises LoadFailed."""
+        if not ref:
+            return {}
+        path, shown = self._path(tenant, ref)
+        try:
+            if os.path.isdir(path):
+                raw: dict[str, object] = {}
+                for name in _S3_KEYS:
+                    for spelled in (name.upper(), name):
+                        if os.path.exists(os.path.join(path, spelled)):
+                            raw[name] = _read(os.path.join(path, spelled)).decode("utf-8").strip()
+            else:
+                loaded = json.loads(_read(path).decode("utf-8"))
+                raw = {k.lower(): v for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+        except FileNotFoundError:
+            raise LoadFailed(f"credentials_ref {shown} is not known to this pod (no such Secret for "
+                             "the model's tenant)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise LoadFailed(f"credentials_ref {shown} cannot be read on this pod as S3 keys") from None
+        keys = {k: v for k, v in raw.items() if k in _S3_KEYS and isinstance(v, str) and v}
+        if "aws_access_key_id" not in keys or "aws_secret_access_key" not in keys:
+            raise LoadFailed(f"credentials_ref {shown} has no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                             "(see docs/OPERATIONS.md \"S3\")")
+        return keys
+
+    def _path(self, tenant: str, ref: str) -> tuple[str, str]:
+        shown = quote_id(ref, 80)
+        if not self.folder:
+            raise LoadFailed(f"credentials_ref {shown} cannot be used: this pod has no credentials "
+                             "folder (MESH_RUNTIME_CREDENTIALS_DIR)")
+        owner = tenant or "_default"
+        if not _NAME.fullmatch(ref) or not _NAME.fullmatch(owner.lstrip("_")):
+            raise LoadFailed(f"credentials_ref {shown} is not a valid name")
+        return os.path.join(self.folder, owner, ref), shown
 
     def headers(self, tenant: str, ref: str) -> dict[str, str]:
         """The HTTP headers `ref` of `tenant` stands for ({} without a ref); raises LoadFailed."""

@@ -56,6 +56,16 @@ class HttpClient:
             # One text for refused, reset, timed out, TLS failure: no port scanning through it.
             raise LoadFailed(f"download of {shown} failed: no connection or no answer from its host") from None
 
+    async def pull_tree(self, uri: str, folder: str, reserve: Reserve | None = None,
+                        auth: Auth | None = None) -> None:
+        """A single file as folder/model.onnx. HTTP has no listing, so a folder (a URI ending
+        in /) is refused: serve multi-file models from file:// or s3:// (docs/OPERATIONS.md)."""
+        path = urllib.parse.urlsplit(uri).path
+        if len(path) > 1 and path.endswith("/"):
+            raise LoadFailed(f"cannot read {uripolicy.show(uri)}: an http(s) URI names one file; a model "
+                             "folder (model.onnx with external data) must come from file:// or s3://")
+        await self.pull(uri, os.path.join(folder, "model.onnx"), reserve, auth)
+
     async def _pull(self, uri: str, target: str, reserve: Reserve | None, headers: dict[str, str],
                     tenant: str) -> None:
         timeout = httpx.Timeout(self.timeout_s)

@@ -30,7 +30,7 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
     env = {**os.environ, "MESH_ROOT": mesh_root, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "mesh.cli.main", "up", "--etcd", etcd_endpoint, "--state-dir", str(tmp_path),
-         "--port", str(port), "--capacity", "64MiB", "--routers", "2", "--placements", "2",
+         "--port", str(port), "--rest-port", "0", "--capacity", "64MiB", "--routers", "2", "--placements", "2",
          "--file-root", str(tmp_path / "mine")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
@@ -69,6 +69,22 @@ def test_mesh_up_serves_demo_models_and_stops_cleanly(etcd_endpoint: str, tmp_pa
         result = mesh_cmd("infer", "demo-linear-a", "--router", router, "--input", "input=[[1,2,3,4]]")
         assert result.returncode == 0, result.stderr
         assert "output FP32 [1, 3]" in result.stdout
+
+        # The REST front the banner names answers curl-style requests for the same models.
+        rest_line = next(x for x in out if x.startswith("REST (KServe V2 HTTP"))
+        rest = rest_line.split(" at ", 1)[1].split(" ", 1)[0]
+        import httpx
+
+        auth = {"Authorization": "Bearer " + (tmp_path / "token").read_text().strip()}
+        assert httpx.get(f"{rest}/v2/health/ready", timeout=10).status_code == 200
+        answer = httpx.post(f"{rest}/v2/models/demo-linear-a/infer", headers=auth, timeout=30, json={
+            "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["shape"] == [1, 3], answer.text
+        assert httpx.post(f"{rest}/v2/models/demo-linear-a/infer", timeout=30, json={
+            "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).status_code == 401
+        routers_rest = next(x for x in out if x.startswith("their REST fronts: ")).split(": ", 1)[1].strip().split(", ")
+        assert len(routers_rest) == 2 and routers_rest[0] == rest, routers_rest
 
         status = mesh_cmd("status", "demo-linear-a", "--router", router)
         assert status.returncode == 0 and "MODEL_LOADED" in status.stdout, status.stdout

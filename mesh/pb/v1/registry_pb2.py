@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from mesh.pb.v1 import types_pb2 as mesh_dot_pb_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/pb/v1/registry.proto\x12\x07mesh.v1\x1a\x16mesh/pb/v1/types.proto\"8\n\x14RegisterModelRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.mesh.v1.ModelSpec\"*\n\x16UnregisterModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"*\n\x17UnregisterModelResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xc7\x01\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x45\n\x0elabel_selector\x18\x04 \x03(\x0b\x32-.mesh.v1.ListModelsRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.mesh.v1.ModelStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9c\x01\n\nTenantSpec\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmax_models\x18\x02 \x01(\r\x12\x1d\n\x15memory_reserved_bytes\x18\x03 \x01(\x04\x12\x18\n\x10memory_cap_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12max_requests_per_s\x18\x05 \x01(\x01\x12\x15\n\rmax_in_flight\x18\x06 \x01(\r\"^\n\x0cTenantStatus\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TenantSpec\x12\x10\n\x08\x64\x65\x66\x61ults\x18\x02 \x01(\x08\x12\x19\n\x11registered_models\x18\x03 \x01(\r\"5\n\x10SetTenantRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TenantSpec\"\"\n\x10GetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x14\n\x12ListTenantsRequest\"=\n\x13ListTenantsResponse\x12&\n\x07tenants\x18\x01 \x03(\x0b\x32\x15.mesh.v1.TenantStatus\"%\n\x13\x44\x65leteTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteTenantResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x32\xd3\x04\n\rModelRegistry\x12\x46\n\rRegisterModel\x12\x1d.mesh.v1.RegisterModelRequest\x1a\x14.mesh.v1.ModelStatus\"\x00\x12V\n\x0fUnregisterModel\x12\x1f.mesh.v1.UnregisterModelRequest\x1a .mesh.v1.UnregisterModelResponse\"\x00\x12<\n\x08GetModel\x12\x18.mesh.v1.GetModelRequest\x1a\x14.mesh.v1.ModelStatus\"\x00\x12G\n\nListModels\x12\x1a.mesh.v1.ListModelsRequest\x1a\x1b.mesh.v1.ListModelsResponse\"\x00\x12?\n\tSetTenant\x12\x19.mesh.v1.SetTenantRequest\x1a\x15.mesh.v1.TenantStatus\"\x00\x12?\n\tGetTenant\x12\x19.mesh.v1.GetTenantRequest\x1a\x15.mesh.v1.TenantStatus\"\x00\x12J\n\x0bListTenants\x12\x1b.mesh.v1.ListTenantsRequest\x1a\x1c.mesh.v1.ListTenantsResponse\"\x00\x12M\n\x0c\x44\x65leteTenant\x12\x1c.mesh.v1.DeleteTenantRequest\x1a\x1d.mesh.v1.DeleteTenantResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/pb/v1/registry.proto\x12\x07mesh.v1\x1a\x16mesh/pb/v1/types.proto\"8\n\x14RegisterModelRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.mesh.v1.ModelSpec\"W\n\x15RegisterModelsRequest\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.mesh.v1.RegisterModelRequest\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"V\n\x13RegisterModelResult\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\"G\n\x16RegisterModelsResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.mesh.v1.RegisterModelResult\";\n\x16UnregisterModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"*\n\x17UnregisterModelResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"4\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xc7\x01\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x45\n\x0elabel_selector\x18\x04 \x03(\x0b\x32-.mesh.v1.ListModelsRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.mesh.v1.ModelStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9c\x01\n\nTenantSpec\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmax_models\x18\x02 \x01(\r\x12\x1d\n\x15memory_reserved_bytes\x18\x03 \x01(\x04\x12\x18\n\x10memory_cap_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12max_requests_per_s\x18\x05 \x01(\x01\x12\x15\n\rmax_in_flight\x18\x06 \x01(\r\"^\n\x0cTenantStatus\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TenantSpec\x12\x10\n\x08\x64\x65\x66\x61ults\x18\x02 \x01(\x08\x12\x19\n\x11registered_models\x18\x03 \x01(\r\"5\n\x10SetTenantRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TenantSpec\"\"\n\x10GetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x14\n\x12ListTenantsRequest\"=\n\x13ListTenantsResponse\x12&\n\x07tenants\x18\x01 \x03(\x0b\x32\x15.mesh.v1.TenantStatus\"%\n\x13\x44\x65leteTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteTenantResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x32\xa8\x05\n\rModelRegistry\x12\x46\n\rRegisterModel\x12\x1d.mesh.v1.RegisterModelRequest\x1a\x14.mesh.v1.ModelStatus\"\x00\x12V\n\x0fUnregisterModel\x12\x1f.mesh.v1.UnregisterModelRequest\x1a .mesh.v1.UnregisterModelResponse\"\x00\x12<\n\x08GetModel\x12\x18.mesh.v1.GetModelRequest\x1a\x14.mesh.v1.ModelStatus\"\x00\x12G\n\nListModels\x12\x1a.mesh.v1.ListModelsRequest\x1a\x1b.mesh.v1.ListModelsResponse\"\x00\x12S\n\x0eRegisterModels\x12\x1e.mesh.v1.RegisterModelsRequest\x1a\x1f.mesh.v1.RegisterModelsResponse\"\x00\x12?\n\tSetTenant\x12\x19.mesh.v1.SetTenantRequest\x1a\x15.mesh.v1.TenantStatus\"\x00\x12?\n\tGetTenant\x12\x19.mesh.v1.GetTenantRequest\x1a\x15.mesh.v1.TenantStatus\"\x00\x12J\n\x0bListTenants\x12\x1b.mesh.v1.ListTenantsRequest\x1a\x1c.mesh.v1.ListTenantsResponse\"\x00\x12M\n\x0c\x44\x65leteTenant\x12\x1c.mesh.v1.DeleteTenantRequest\x1a\x1d.mesh.v1.DeleteTenantResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST_LABELSELECTORENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERMODELREQUEST']._serialized_start=62
   _globals['_REGISTERMODELREQUEST']._serialized_end=118
-  _globals['_UNREGISTERMODELREQUEST']._serialized_start=120
-  _globals['_UNREGISTERMODELREQUEST']._serialized_end=162
-  _globals['_UNREGISTERMODELRESPONSE']._serialized_start=164
-  _globals['_UNREGISTERMODELRESPONSE']._serialized_end=206
-  _globals['_GETMODELREQUEST']._serialized_start=208
-  _globals['_GETMODELREQUEST']._serialized_end=243
-  _globals['_LISTMODELSREQUEST']._serialized_start=246
-  _globals['_LISTMODELSREQUEST']._serialized_end=445
-  _globals['_LISTMODELSREQUEST_LABELSELECTORENTRY']._serialized_start=393
-  _globals['_LISTMODELSREQUEST_LABELSELECTORENTRY']._serialized_end=445
-  _globals['_LISTMODELSRESPONSE']._serialized_start=447
-  _globals['_LISTMODELSRESPONSE']._serialized_end=530
-  _globals['_TENANTSPEC']._serialized_start=533
-  _globals['_TENANTSPEC']._serialized_end=689
-  _globals['_TENANTSTATUS']._serialized_start=691
-  _globals['_TENANTSTATUS']._serialized_end=785
-  _globals['_SETTENANTREQUEST']._serialized_start=787
-  _globals['_SETTENANTREQUEST']._serialized_end=840
-  _globals['_GETTENANTREQUEST']._serialized_start=842
-  _globals['_GETTENANTREQUEST']._serialized_end=876
-  _globals['_LISTTENANTSREQUEST']._serialized_start=878
-  _globals['_LISTTENANTSREQUEST']._serialized_end=898
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=900
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=961
-  _globals['_DELETETENANTREQUEST']._serialized_start=963
-  _globals['_DELETETENANTREQUEST']._serialized_end=1000
-  _globals['_DELETETENANTRESPONSE']._serialized_start=1002
-  _globals['_DELETETENANTRESPONSE']._serialized_end=1041
-  _globals['_MODELREGISTRY']._serialized_start=1044
-  _globals['_MODELREGISTRY']._serialized_end=1639
+  _globals['_REGISTERMODELSREQUEST']._serialized_start=120
+  _globals['_REGISTERMODELSREQUEST']._serialized_end=207
+  _globals['_REGISTERMODELRESULT']._serialized_start=209
+  _globals['_REGISTERMODELRESULT']._serialized_end=295
+  _globals['_REGISTERMODELSRESPONSE']._serialized_start=297
+  _globals['_REGISTERMODELSRESPONSE']._serialized_end=368
+  _globals['_UNREGISTERMODELREQUEST']._serialized_start=370
+  _globals['_UNREGISTERMODELREQUEST']._serialized_end=429
+  _globals['_UNREGISTERMODELRESPONSE']._serialized_start=431
+  _globals['_UNREGISTERMODELRESPONSE']._serialized_end=473
+  _globals['_GETMODELREQUEST']._serialized_start=475
+  _globals['_GETMODELREQUEST']._serialized_end=527
+  _globals['_LISTMODELSREQUEST']._serialized_start=530
+  _globals['_LISTMODELSREQUEST']._serialized_end=729
+  _globals['_LISTMODELSREQUEST_LABELSELECTORENTRY']._serialized_start=677
+  _globals['_LISTMODELSREQUEST_LABELSELECTORENTRY']._serialized_end=729
+  _globals['_LISTMODELSRESPONSE']._serialized_start=731
+  _globals['_LISTMODELSRESPONSE']._serialized_end=814
+  _globals['_TENANTSPEC']._serialized_start=817
+  _globals['_TENANTSPEC']._serialized_end=973
+  _globals['_TENANTSTATUS']._serialized_start=975
+  _globals['_TENANTSTATUS']._serialized_end=1069
+  _globals['_SETTENANTREQUEST']._serialized_start=1071
+  _globals['_SETTENANTREQUEST']._serialized_end=1124
+  _globals['_GETTENANTREQUEST']._serialized_start=1126
+  _globals['_GETTENANTREQUEST']._serialized_end=1160
+  _globals['_LISTTENANTSREQUEST']._serialized_start=1162
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1182
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1184
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1245
+  _globals['_DELETETENANTREQUEST']._serialized_start=1247
+  _globals['_DELETETENANTREQUEST']._serialized_end=1284
+  _globals['_DELETETENANTRESPONSE']._serialized_start=1286
+  _globals['_DELETETENANTRESPONSE']._serialized_end=1325
+  _globals['_MODELREGISTRY']._serialized_start=1328
+  _globals['_MODELREGISTRY']._serialized_end=2008
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,39 @@ class RegisterModelRequest(_message.Message):
     spec: _types_pb2.ModelSpec
     def __init__(self, spec: _Optional[_Union[_types_pb2.ModelSpec, _Mapping]] = ...) -> None: ...
 
-class UnregisterModelRequest(_message.Message):
-    __slots__ = ("model_id",)
+class RegisterModelsRequest(_message.Message):
+    __slots__ = ("models", "replace")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[RegisterModelRequest]
+    replace: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[RegisterModelRequest, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class RegisterModelResult(_message.Message):
+    __slots__ = ("model_id", "code", "message", "action")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    code: int
+    message: str
+    action: str
+    def __init__(self, model_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class RegisterModelsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RegisterModelResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RegisterModelResult, _Mapping]]] = ...) -> None: ...
+
+class UnregisterModelRequest(_message.Message):
+    __slots__ = ("model_id", "version")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    version: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class UnregisterModelResponse(_message.Message):
     __slots__ = ("existed",)
@@ -27,10 +55,12 @@ class UnregisterModelResponse(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "version")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "tenant", "label_selector")

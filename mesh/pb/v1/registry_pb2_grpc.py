@@ -56,6 +56,11 @@ class ModelRegistryStub:
                 request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.RegisterModels = channel.unary_unary(
+                '/mesh.v1.ModelRegistry/RegisterModels',
+                request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.RegisterModelsRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.RegisterModelsResponse.FromString,
+                _registered_method=True)
         self.SetTenant = channel.unary_unary(
                 '/mesh.v1.ModelRegistry/SetTenant',
                 request_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.SetTenantRequest.SerializeToString,
@@ -104,6 +109,16 @@ class ModelRegistryServicer:
 
     def ListModels(self, request, context):
         """Registered models, ordered by id, paged, optionally filtered by tenant and labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterModels(self, request, context):
+        """Registers many models in one call (a model repository: `mesh register --repository`),
+        written to etcd in transactions of bounded size; one result per model, in request order.
+        A model that fails (a bad spec, a taken id) does not stop the others. Same scope as
+        RegisterModel; INVALID_ARGUMENT for the whole call only when it holds too many models.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +175,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'RegisterModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterModels,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_registry__pb2.RegisterModelsRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_registry__pb2.RegisterModelsResponse.SerializeToString,
             ),
             'SetTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.SetTenant,
@@ -290,6 +310,33 @@ class ModelRegistry:
             '/mesh.v1.ModelRegistry/ListModels',
             mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
             mesh_dot_pb_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.ModelRegistry/RegisterModels',
+            mesh_dot_pb_dot_v1_dot_registry__pb2.RegisterModelsRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_registry__pb2.RegisterModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,7 +35,7 @@ MODEL_LOADED: ModelState
 MODEL_FAILED: ModelState
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "tenant", "storage_uri", "format", "sha256", "labels", "min_copies", "max_copies", "max_batch_size", "max_queue_delay_us", "credentials_ref")
+    __slots__ = ("model_id", "tenant", "storage_uri", "format", "sha256", "labels", "min_copies", "max_copies", "max_batch_size", "max_queue_delay_us", "credentials_ref", "idle_unload_s", "version")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class ModelSpec(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_REF_FIELD_NUMBER: _ClassVar[int]
+    IDLE_UNLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tenant: str
     storage_uri: str
@@ -65,7 +67,9 @@ class ModelSpec(_message.Message):
     max_batch_size: int
     max_queue_delay_us: int
     credentials_ref: str
-    def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., storage_uri: _Optional[str] = ..., format: _Optional[str] = ..., sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., min_copies: _Optional[int] = ..., max_copies: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., credentials_ref: _Optional[str] = ...) -> None: ...
+    idle_unload_s: int
+    version: str
+    def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., storage_uri: _Optional[str] = ..., format: _Optional[str] = ..., sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., min_copies: _Optional[int] = ..., max_copies: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., credentials_ref: _Optional[str] = ..., idle_unload_s: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
     __slots__ = ("instance_id", "address", "state", "size_bytes", "error", "measure_method")

@@ -58,7 +58,12 @@ def test_tenant_rejected(tenant: str) -> None:
     "uri, match",
     [
         ("", "storage_uri"),
-        ("s3://bucket/m.onnx", "scheme 's3'"),
+        ("gs://bucket/m.onnx", "scheme 'gs'"),
+        ("s3://Bucket_1/m.onnx", "not an S3 bucket name"),
+        ("s3://bucket:9000/m.onnx", "not an S3 bucket name"),  # the endpoint is the pods' setting
+        ("s3://bucket/a//m.onnx", "empty, '.' or '..' segments"),
+        ("s3://bucket/m.onnx?versionId=3", "no query"),
+        ("http://h/models/m/", "names one file"),
         ("/models/m.onnx", "scheme"),
         ("ftp://h/m.onnx", "scheme"),
         ("file://models/m.onnx", "absolute"),

@@ -59,12 +59,16 @@ def test_records_are_batched_into_one_pipelined_flush_per_bucket() -> None:
     t.record("b")
     assert t.pending() == 5
     assert asyncio.run(t.flush())
-    hincr = sorted(op for op in redis.ops if op[0] == "hincrby")
+    hincr = sorted(op for op in redis.ops if op[0] == "hincrby" and ":req:" in op[1])
     assert hincr == [
         ("hincrby", "meshserve:r:req:2", "a", 3),
         ("hincrby", "meshserve:r:req:3", "a", 1),
         ("hincrby", "meshserve:r:req:3", "b", 1),
     ]
+    # The showback's hourly counts (`mesh usage`), summed over the flush's buckets of one hour.
+    hourly = sorted(op for op in redis.ops if op[0] == "hincrby" and ":use:" in op[1])
+    assert hourly == [("hincrby", "meshserve:r:use:0", "r|a", 4), ("hincrby", "meshserve:r:use:0", "r|b", 1)]
+    assert ("expire", "meshserve:r:use:0", 35 * 24 * 3600) in redis.ops
     assert ("zadd", "meshserve:r:last", {"a": 31_000, "b": 31_000}, True) in redis.ops
     assert all(op[2] == 610 for op in redis.ops if op[0] == "expire" and ":req:" in op[1])
     assert t.pending() == 0 and _samples(metrics, "written") == 5
