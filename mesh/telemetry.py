@@ -10,6 +10,9 @@ Only known keys are touched (RELIABILITY S17: no KEYS, SCAN patterns, EVAL or sc
                         "r|<model id>" -> requests (routers), "m|<model id>" -> memory
                         byte-seconds of its LOADED copies (placement leader), EXPIREd after
                         MESH_USAGE_RETENTION_S
+    <ns>:ro:<vmodel>:<second>  hash of one second of a running rollout (mesh/rollout.py):
+                        "<model>|n" requests, "|e" errors, "|l<i>" latency bucket i, per
+                        target (routers), EXPIREd after mesh/rollout.py RETENTION_S
 
 <ns> is "meshserve:" + the mesh's etcd root, so meshes sharing one Redis never mix.
 """
@@ -49,6 +52,10 @@ class TelemetryKeys:
     def usage(self, hour: int) -> str:
         """The showback hash of `hour` (unix seconds // 3600)."""
         return f"{self.ns}:use:{hour}"
+
+    def rollout(self, vmodel: str, second: int) -> str:
+        """The hash of one second (unix seconds) of a rollout's figures (mesh/rollout.py)."""
+        return f"{self.ns}:ro:{vmodel}:{second}"
 
     def hour_of_bucket(self, bucket: int) -> int:
         return bucket * self.bucket_s // 3600

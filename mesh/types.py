@@ -171,8 +171,8 @@ class VModelRecord:
 
     Routers send a request for the vmodel to one of `active` (internal model id -> weight);
     `pending` is a switch in progress (router/vmodel_store.py): its targets are being made
-    ready and become `active` once they are. `rollout` is reserved for a rollout controller
-    that will drive the weights (issue 13 item 3); nothing reads it yet."""
+    ready and become `active` once they are. `rollout` is the last rollout started
+    (mesh/rollout.py `Rollout.to_record()`); while it runs it drives `active`."""
 
     name: str  # the internal name (tenant:name for a named tenant, as model ids)
     tenant: str = ""

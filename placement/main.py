@@ -32,6 +32,7 @@ from placement.activity import ActivitySource, NoActivity
 from placement.controller import Controller
 from placement.leader import REVOKE_TIMEOUT_S, Leader
 from placement.reconcile import Reconciler
+from placement.rollouts import RolloutRunner
 from placement.server import PlacementServicer
 from placement.showback import Showback
 from placement.telemetry import RedisActivity
@@ -92,6 +93,9 @@ async def serve(common: CommonSettings, settings: PlacementSettings, stop: async
         if isinstance(activity, RedisActivity):  # showback: memory-seconds per model (`mesh usage`)
             election.start("showback", Showback(activity.redis, activity.keys, state, leader, controller.clock,
                                                 settings.showback_interval_s, common.usage_retention_s).run)
+            # rollouts: judged by the routers' per-second figures in Redis (mesh/rollout.py)
+            election.start("rollouts", RolloutRunner(client, activity.redis, activity.keys, state, leader,
+                                                     controller.clock).run)
         await server.start()
         await server.set_serving(True)  # followers are healthy too: they take over on failover
         serve_metrics(metrics, settings.listen.rsplit(":", 1)[0], settings.metrics_port)

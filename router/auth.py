@@ -44,6 +44,7 @@ REGISTRY_WRITES = frozenset({"/mesh.v1.ModelRegistry/RegisterModel", "/mesh.v1.M
                              "/mesh.v1.ModelRegistry/RegisterModels",
                              # VModels change where requests go (router/vmodel_api.py).
                              "/mesh.v1.VModels/SetVModel", "/mesh.v1.VModels/DeleteVModel",
+                             "/mesh.v1.VModels/StartRollout", "/mesh.v1.VModels/AbortRollout",
                              # Triton's repository extension changes what is loaded (router/extensions.py).
                              "/inference.GRPCInferenceService/RepositoryModelLoad",
                              "/inference.GRPCInferenceService/RepositoryModelUnload"})

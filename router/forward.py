@@ -26,6 +26,7 @@ import grpc
 from mesh import errors
 from mesh.errors import Kind, MeshError, Unavailable
 from mesh.metrics import Metrics
+from mesh.rollout import RUNNING
 from mesh.rpc.calls import settle
 from mesh.rpc.server import ChannelPool
 from mesh.rpc.status import answered, pushback_of
@@ -82,11 +83,15 @@ class Forwarder:
         rng: random.Random | None = None,
         on_request: Callable[[str], None] | None = None,
         quotas: Quotas | None = None,
+        on_rollout: Callable[[str, str, bool, float], None] | None = None,
     ) -> None:
         """`on_request(model_id)` is told of every request for a registered model (usage
         telemetry); it must be O(1) and never block or raise. `quotas`: the tenants' request
-        quotas (router/quota.py), shared with the registry."""
+        quotas (router/quota.py), shared with the registry. `on_rollout(vmodel, model_id, ok,
+        seconds)`, the same way, of every finished request through a vmodel whose rollout
+        runs (router/telemetry.py record_rollout); a caller's cancellation is not counted."""
         self.on_request = on_request
+        self.on_rollout = on_rollout
         self.quotas = quotas or Quotas(state, settings, metrics)
         self.namespace = tenancy.Namespace(state)
         self.state = state
@@ -127,7 +132,7 @@ class Forwarder:
                 raise unknown_model(self.state, public)
             model_id = spec.model_id
             at = time.perf_counter()
-            ok = False
+            ok = cancelled = False
             try:
                 response = await self._forward(model_id, request, metadata, deadline)
                 ok = True
@@ -136,12 +141,23 @@ class Forwarder:
             except PodStatus as exc:
                 exc.details = tenancy.rename(exc.details, model_id, public)
                 raise
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
                 if vmodel:  # A/B figures per vmodel and target (router/vmodels.py)
-                    self.metrics.vmodel_request(vmodel, model_id, ok, time.perf_counter() - at)
+                    self._vmodel_done(vmodel, model_id, ok, cancelled, time.perf_counter() - at)
             return self.namespace.response(public, model_id, response)
         finally:
             self.quotas.done(usage, started)
+
+    def _vmodel_done(self, vmodel: str, model_id: str, ok: bool, cancelled: bool, seconds: float) -> None:
+        self.metrics.vmodel_request(vmodel, model_id, ok, seconds)
+        if self.on_rollout is None or cancelled:
+            return
+        record = self.state.vmodels.get(vmodel)
+        if record is not None and record.rollout.get("state") == RUNNING:
+            self.on_rollout(vmodel, model_id, ok, seconds)
 
     async def _forward(
         self, model_id: str, request: bytes, metadata: Iterable[tuple[str, Any]] | None, deadline: float

@@ -43,6 +43,7 @@ from router.registry import Registry
 from router.registry_api import RegistryServicer
 from router.rest import RestFront
 from router.rest_server import RestServer
+from router.rollout_store import RolloutStore
 from router.servicer import InferenceServicer
 from router.table import RouteTable
 from router.telemetry import Telemetry
@@ -86,7 +87,8 @@ async def serve(
         )
     quotas = Quotas(state, settings, metrics)  # per-tenant quotas (router/quota.py)
     forwarder = Forwarder(state, table, miss, pods, settings, metrics,
-                          on_request=telemetry.record if telemetry else None, quotas=quotas)
+                          on_request=telemetry.record if telemetry else None, quotas=quotas,
+                          on_rollout=telemetry.record_rollout if telemetry else None)
     registry = Registry(client, keys, state, settings, SystemClock(), quotas)
     tenant_store = TenantStore(client, keys, state, quotas, settings.default_deadline_s)
 
@@ -117,7 +119,8 @@ async def serve(
     registry_pb2_grpc.add_ModelRegistryServicer_to_server(registry_api, guard.server(server))
     vmodel_store = VModelStore(client, keys, state, table, miss, forwarder.namespace, SystemClock(),
                                settings.default_deadline_s)  # aliases (router/vmodels.py)
-    vmodels_pb2_grpc.add_VModelsServicer_to_server(VModelServicer(vmodel_store), guard.server(server))
+    rollouts = RolloutStore(vmodel_store, telemetry is not None)  # rollouts (router/rollout_store.py)
+    vmodels_pb2_grpc.add_VModelsServicer_to_server(VModelServicer(vmodel_store, rollouts), guard.server(server))
     supervisor.start("vmodel-switches", vmodel_store.sweep)
     # The HTTP/JSON front (router/rest.py) over the same forwarder, extensions and registry.
     rest = RestServer(

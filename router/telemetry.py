@@ -1,7 +1,9 @@
 """Usage telemetry written by a router: per-model request counts and last-use times, batched
 in memory and flushed to Redis about once a second by one supervised loop.
 
-`record` is the only part on the request path: two dict updates, no I/O, never raises. A
+`record` is the only part on the request path: two dict updates, no I/O, never raises; so is
+`record_rollout`, for a request through a vmodel whose rollout runs (mesh/rollout.py: per
+second and target, requests, errors and a latency histogram, judged by the placement leader). A
 flush that fails (Redis down, slow, refusing) drops its samples and counts them
 (`mesh_telemetry_samples_total{result="dropped"}`); the next flush tries again, so telemetry
 resumes by itself when Redis is back. Memory stays bounded while Redis is down: each flush
@@ -16,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from mesh import rollout
 from mesh.metrics import Metrics
 from mesh.telemetry import LAST_TTL_S, REQUESTS_FIELD, USAGE_RETENTION_S, TelemetryKeys
 
@@ -42,6 +45,7 @@ class Telemetry:
         self.now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         self._counts: collections.Counter[tuple[int, str]] = collections.Counter()
         self._last: dict[str, int] = {}
+        self._rollout: collections.Counter[tuple[str, int, str]] = collections.Counter()  # (vmodel, second, field)
         self._failing = False
 
     def record(self, model_id: str) -> None:
@@ -50,18 +54,30 @@ class Telemetry:
         self._counts[(self.keys.bucket(now), model_id)] += 1
         self._last[model_id] = now
 
+    def record_rollout(self, vmodel: str, model_id: str, ok: bool, seconds: float) -> None:
+        """A request through `vmodel` (a rollout running) answered by `model_id` (internal ids)."""
+        second = self.now_ms() // 1000
+        self._rollout[(vmodel, second, f"{model_id}|n")] += 1
+        if not ok:
+            self._rollout[(vmodel, second, f"{model_id}|e")] += 1
+        self._rollout[(vmodel, second, f"{model_id}|l{rollout.latency_bucket(seconds)}")] += 1
+
     def pending(self) -> int:
         return sum(self._counts.values())
 
     async def flush(self) -> bool:
         """Writes what was recorded since the last flush in one pipelined round trip; returns
         False when it was dropped."""
-        counts, last = self._counts, self._last
-        if not counts and not last:
+        counts, last, rollouts = self._counts, self._last, self._rollout
+        if not counts and not last and not rollouts:
             return True
-        self._counts, self._last = collections.Counter(), {}
+        self._counts, self._last, self._rollout = collections.Counter(), {}, collections.Counter()
         samples = sum(counts.values())
         pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for (vmodel, second, field), n in sorted(rollouts.items()):
+            pipe.hincrby(self.keys.rollout(vmodel, second), field, n)
+        for vmodel, second in sorted({(v, s) for v, s, _ in rollouts}):
+            pipe.expire(self.keys.rollout(vmodel, second), rollout.RETENTION_S)
         for bucket in sorted({b for b, _ in counts}):
             key = self.keys.requests(bucket)
             for (b, model_id), n in counts.items():

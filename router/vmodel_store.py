@@ -39,6 +39,7 @@ from mesh.clock import Clock
 from mesh.errors import Conflict, DeadlineExceeded, InvalidArgument, Kind, MeshError, NotFound, Unavailable
 from mesh.kv.etcd import MOD, EtcdClient, compare, put_op
 from mesh.kv.keys import Keys
+from mesh.rollout import Rollout
 from mesh.state import MeshState
 from mesh.types import VModelRecord
 from router import vmodels
@@ -68,6 +69,7 @@ class VModelView:
     switch_note: str = ""
     updated_unix_ms: int = 0
     switch_started_unix_ms: int = 0
+    rollout: Rollout | None = None  # the last rollout started, its model ids as the caller knows them
 
 
 class VModelStore:
@@ -109,7 +111,13 @@ class VModelStore:
             switch_note=record.switch_note,
             updated_unix_ms=record.updated_unix_ms,
             switch_started_unix_ms=record.switch_started_unix_ms,
+            rollout=self._shown_rollout(record, show),
         )
+
+    @staticmethod
+    def _shown_rollout(record: VModelRecord, show: Callable[[str], str]) -> Rollout | None:
+        ro = Rollout.from_record(record.rollout)
+        return dataclasses.replace(ro, stable=show(ro.stable), candidate=show(ro.candidate)) if ro else None
 
     def _unknown(self, name: str) -> MeshError:
         if not self.state.view.connected:
@@ -149,6 +157,11 @@ class VModelStore:
         for _ in range(CAS_ATTEMPTS):
             kv = await self.client.get(key)
             current = types.decode(VModelRecord, kv.value) if kv is not None else None
+            running = Rollout.from_record(current.rollout) if current is not None else None
+            if running is not None and running.running:
+                raise MeshError(f"vmodel {errors.quote_id(wanted.name)} has a rollout running, which sets its "
+                                "weights: abort it first (`mesh alias rollout NAME --abort`)",
+                                kind=Kind.FAILED_PRECONDITION)
             now = self.clock.unix_ms()
             base = current or VModelRecord(name=internal, tenant=tenant)
             record = dataclasses.replace(base, sticky_header=wanted.sticky_header, tags=tags, updated_unix_ms=now)

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mesh import errors
+from mesh import errors, rollout
 from mesh.errors import InvalidArgument
 from mesh.types import VModelRecord
 
@@ -172,3 +172,64 @@ def header_names(record: VModelRecord) -> list[str]:
     if record.sticky_header and record.sticky_header not in names:
         names.append(record.sticky_header)
     return names
+
+
+# -- rollouts (mesh/rollout.py) -----------------------------------------------------------------
+
+MAX_STEPS = 20
+MIN_DWELL_S = 1.0
+MAX_MIN_REQUESTS = 1_000_000
+DEFAULT_MAX_ERROR_RATE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutWanted:
+    """A StartRollout request as the caller named it. Zero bounds mean the defaults:
+    max_error_rate 0.01, min_requests 20; max_p99_ratio 0 means not checked."""
+
+    vmodel: str
+    candidate: str
+    steps: tuple[int, ...]
+    dwell_s: float
+    max_error_rate: float = 0.0
+    max_p99_ratio: float = 0.0
+    min_requests: int = 0
+    tag_header: str = ""
+    tag_value: str = ""
+
+
+def check_rollout(wanted: RolloutWanted) -> RolloutWanted:
+    """Everything about a StartRollout request that needs no lookup (raises InvalidArgument);
+    returns it with the defaults filled in."""
+    if not wanted.candidate:
+        raise InvalidArgument("a rollout needs a candidate model (the one traffic moves to)")
+    if len(wanted.steps) > MAX_STEPS:
+        raise InvalidArgument(f"too many steps ({len(wanted.steps)}): at most {MAX_STEPS}")
+    problem = rollout.check_steps(wanted.steps)
+    if problem:
+        raise InvalidArgument(f"invalid steps {list(wanted.steps)[:MAX_STEPS]}: {problem}")
+    if not MIN_DWELL_S <= wanted.dwell_s <= rollout.MAX_DWELL_S:  # NaN fails too
+        raise InvalidArgument(f"invalid dwell {wanted.dwell_s!r}s: each step dwells {MIN_DWELL_S:g} to "
+                              f"{rollout.MAX_DWELL_S} seconds")
+    if not 0.0 <= wanted.max_error_rate <= 1.0:
+        raise InvalidArgument(f"invalid max_error_rate {wanted.max_error_rate!r}: a fraction, 0 to 1 (0: the "
+                              f"default, {DEFAULT_MAX_ERROR_RATE})")
+    if not 0.0 <= wanted.max_p99_ratio <= 1000.0:
+        raise InvalidArgument(f"invalid max_p99_ratio {wanted.max_p99_ratio!r}: candidate p99 / stable p99, "
+                              "e.g. 1.5 (0: not checked)")
+    if not 0 <= wanted.min_requests <= MAX_MIN_REQUESTS:
+        raise InvalidArgument(f"invalid min_requests {wanted.min_requests}: 0 to {MAX_MIN_REQUESTS} (0: the "
+                              f"default, {rollout.MIN_REQUESTS})")
+    if bool(wanted.tag_header) != bool(wanted.tag_value):
+        raise InvalidArgument("a rollout's tag route needs both a header and a value (e.g. x-canary=1)")
+    if wanted.tag_header:
+        check_header(wanted.tag_header, "tag header")
+        if len(wanted.tag_value) > MAX_TAG_VALUE or _CONTROL.search(wanted.tag_value):
+            raise InvalidArgument(f"invalid value of tag header {wanted.tag_header!r}: 1-{MAX_TAG_VALUE} "
+                                  "characters, no control characters")
+    elif wanted.steps[0] == 0:
+        raise InvalidArgument("a step of 0 sends the candidate tagged requests only: give a tag route "
+                              "(e.g. --tag x-canary=1), or start at a positive step")
+    return dataclasses.replace(
+        wanted, max_error_rate=wanted.max_error_rate or DEFAULT_MAX_ERROR_RATE,
+        min_requests=wanted.min_requests or rollout.MIN_REQUESTS)

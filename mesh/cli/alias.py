@@ -1,14 +1,19 @@
-"""`mesh alias set|get|list|delete|status`: vmodels (aliases) over the router's VModels API
-(proto/mesh/pb/v1/vmodels.proto; router/vmodels.py says how requests resolve them).
+"""`mesh alias set|get|list|delete|status|rollout`: vmodels (aliases) over the router's VModels
+API (proto/mesh/pb/v1/vmodels.proto; router/vmodels.py says how requests resolve them,
+mesh/rollout.py how a rollout is judged).
 
     mesh alias set NAME MODEL[=WEIGHT] ... [--sticky-header H] [--tag HEADER=VALUE:MODEL]
     mesh alias get NAME | list | delete NAME | status NAME [--output table|json]
+    mesh alias rollout NAME --to MODEL [--steps 1,10,50,100] [--dwell 60s] [--max-error-rate 0.01]
+                       [--max-p99-ratio 1.5] [--min-requests 20] [--tag HEADER=VALUE] [--wait]
+    mesh alias rollout NAME --abort
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +40,32 @@ def _tag(text: str) -> tuple[str, str, str]:
     return header.lower(), value, model
 
 
+def _steps(text: str) -> list[int]:
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"steps are percentages separated by commas, e.g. 1,10,50,100; not {text!r}")
+    return [int(p) for p in parts]
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _seconds(text: str) -> float:
+    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].isalpha() else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"a duration is a number with s, m or h, e.g. 90s or 5m; not {text!r}") from None
+    return value
+
+
+def _header_value(text: str) -> tuple[str, str]:
+    header, sep, value = text.partition("=")
+    if not (sep and header and value):
+        raise argparse.ArgumentTypeError(f"a tag route is HEADER=VALUE (e.g. x-canary=1), not {text!r}")
+    return header.lower(), value
+
+
 def add_parser(sub: Any, target: Callable[[argparse.ArgumentParser], None]) -> None:
     alias = sub.add_parser("alias", help="vmodels: a name routed to one or more models by weight, key or tag")
     asub = alias.add_subparsers(dest="alias_command", required=True)
@@ -54,6 +85,26 @@ def add_parser(sub: Any, target: Callable[[argparse.ArgumentParser], None]) -> N
         if name != "delete":
             one.add_argument("--output", choices=("table", "json"), default="table")
         target(one)
+    ro = asub.add_parser("rollout", help="move a vmodel to another model in steps, judged by its error rate and "
+                                         "p99; rolled back automatically (or --abort one)")
+    ro.add_argument("name")
+    ro.add_argument("--to", default="", metavar="MODEL", help="the candidate model")
+    ro.add_argument("--steps", type=_steps, default=[1, 10, 50, 100], metavar="P,P,...",
+                    help="percent of traffic to the candidate at each step, ending at 100 (default 1,10,50,100; "
+                         "0,100 with --tag: blue-green)")
+    ro.add_argument("--dwell", type=_seconds, default=60.0, metavar="DURATION", help="time at each step (default 60s)")
+    ro.add_argument("--max-error-rate", type=float, default=0.01, metavar="F",
+                    help="roll back when the candidate's error rate over a step exceeds the stable model's by "
+                         "more than F (default 0.01)")
+    ro.add_argument("--max-p99-ratio", type=float, default=0.0, metavar="R",
+                    help="roll back when candidate p99 / stable p99 over a step exceeds R (default: not checked)")
+    ro.add_argument("--min-requests", type=int, default=0, metavar="N",
+                    help="candidate requests a step needs before it is judged (default 20)")
+    ro.add_argument("--tag", type=_header_value, default=None, metavar="HEADER=VALUE",
+                    help="during the rollout, requests with HEADER: VALUE go to the candidate")
+    ro.add_argument("--wait", action="store_true", help="follow the rollout until it ends; exit 1 unless promoted")
+    ro.add_argument("--abort", action="store_true", help="stop the running rollout: all traffic back to stable")
+    target(ro)
     lst = asub.add_parser("list", help="every vmodel")
     lst.add_argument("--output", choices=("table", "json"), default="table")
     target(lst)
@@ -76,7 +127,47 @@ def _dict(v: vmodels_pb2.VModelStatus) -> dict[str, Any]:
         "tags": [{"header": t.header, "value": t.value, "model": t.model_id} for t in v.spec.tags],
         "switch_note": v.switch_note,
         "updated_unix_ms": v.updated_unix_ms,
+        "rollout": _rollout_dict(v.rollout) if v.HasField("rollout") else None,
     }
+
+
+def _rollout_dict(r: vmodels_pb2.RolloutStatus) -> dict[str, Any]:
+    return {
+        "stable": r.stable, "candidate": r.spec.candidate, "state": r.state, "steps": list(r.spec.steps),
+        "step": r.step, "percent": r.percent, "dwell_s": r.spec.dwell_s, "max_error_rate": r.spec.max_error_rate,
+        "max_p99_ratio": r.spec.max_p99_ratio, "min_requests": r.spec.min_requests,
+        "tag": f"{r.spec.tag_header}={r.spec.tag_value}" if r.spec.tag_header else "",
+        "started_unix_ms": r.started_unix_ms, "step_started_unix_ms": r.step_started_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms, "reason": r.reason, "figures": dict(r.figures),
+        "history": [{"percent": h.percent, "outcome": h.outcome, "started_unix_ms": h.started_unix_ms,
+                     "ended_unix_ms": h.ended_unix_ms, "figures": dict(h.figures)} for h in r.history],
+    }
+
+
+def _figures_line(figures: Any) -> str:
+    f = dict(figures)
+    if not f:
+        return "no figures yet"
+    text = (f"candidate {int(f.get('candidate_requests', 0))} requests, {int(f.get('candidate_errors', 0))} errors "
+            f"({f.get('candidate_error_rate', 0.0):.2%}), p99 {f.get('candidate_p99_ms', 0.0):.1f} ms; stable "
+            f"{int(f.get('stable_requests', 0))} requests, p99 {f.get('stable_p99_ms', 0.0):.1f} ms")
+    if f.get("p99_ratio"):
+        text += f"; p99 ratio {f['p99_ratio']:.2f}"
+    return text
+
+
+def _print_rollout(r: vmodels_pb2.RolloutStatus) -> None:
+    steps = ",".join(str(p) for p in r.spec.steps)
+    where = f"step {r.step + 1} of {len(r.spec.steps)} ({r.percent}%)" if r.state == "running" else r.state
+    print(f"  rollout {r.stable} -> {r.spec.candidate}: {where}; steps {steps}, dwell {r.spec.dwell_s:g}s, "
+          f"max error rate {r.spec.max_error_rate:g}" + (f", max p99 ratio {r.spec.max_p99_ratio:g}"
+                                                         if r.spec.max_p99_ratio else ""))
+    if r.reason:
+        print(f"    {r.reason}")
+    print(f"    {_figures_line(r.figures)}")
+    for h in r.history:
+        print(f"    step {h.percent}%: {h.outcome.replace('_', ' ')} after "
+              f"{(h.ended_unix_ms - h.started_unix_ms) / 1000:.1f}s ({_figures_line(h.figures)})")
 
 
 def _print(v: vmodels_pb2.VModelStatus, output: str, detail: bool) -> None:
@@ -94,6 +185,34 @@ def _print(v: vmodels_pb2.VModelStatus, output: str, detail: bool) -> None:
         show(("MODEL", "ROLE", "WEIGHT", "READY COPIES"), rows)
     if v.switch_note:
         print(f"  note: {v.switch_note}")
+    if v.HasField("rollout") and (detail or v.rollout.state == "running"):
+        _print_rollout(v.rollout)
+
+
+def _rollout(stub: vmodels_pb2_grpc.VModelsStub, args: argparse.Namespace) -> int:
+    if args.abort:
+        _print(stub.AbortRollout(vmodels_pb2.AbortRolloutRequest(vmodel=args.name), timeout=args.timeout),
+               "table", True)
+        return 0
+    if not args.to:
+        raise SystemExit("mesh alias rollout: give the candidate (--to MODEL), or --abort")
+    header, value = args.tag or ("", "")
+    spec = vmodels_pb2.RolloutSpec(
+        vmodel=args.name, candidate=args.to, steps=args.steps, dwell_s=args.dwell,
+        max_error_rate=args.max_error_rate, max_p99_ratio=args.max_p99_ratio, min_requests=args.min_requests,
+        tag_header=header, tag_value=value)
+    status = stub.StartRollout(vmodels_pb2.StartRolloutRequest(spec=spec), timeout=args.timeout)
+    _print(status, "table", True)
+    if not args.wait:
+        return 0
+    seen = (status.rollout.state, status.rollout.step)
+    while status.rollout.state == "running":
+        time.sleep(1.0)
+        status = stub.GetVModel(vmodels_pb2.GetVModelRequest(name=args.name), timeout=args.timeout)
+        if (status.rollout.state, status.rollout.step) != seen:
+            seen = (status.rollout.state, status.rollout.step)
+            _print_rollout(status.rollout)
+    return 0 if status.rollout.state == "promoted" else 1
 
 
 def run(channel: grpc.Channel, args: argparse.Namespace) -> int:
@@ -107,6 +226,8 @@ def run(channel: grpc.Channel, args: argparse.Namespace) -> int:
     elif cmd in ("get", "status"):
         _print(stub.GetVModel(vmodels_pb2.GetVModelRequest(name=args.name), timeout=args.timeout),
                args.output, cmd == "status")
+    elif cmd == "rollout":
+        return _rollout(stub, args)
     elif cmd == "list":
         vms = stub.ListVModels(vmodels_pb2.ListVModelsRequest(), timeout=args.timeout).vmodels
         if args.output == "json":

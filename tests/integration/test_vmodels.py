@@ -384,3 +384,14 @@ def test_a_switch_left_pending_never_routes_and_is_completed(vmesh, stub, client
     status = set_vmodel(vmesh, stub, "half2", {"cold-y": 1}, timeout=90)
     assert [t.model_id for t in status.active] == ["cold-y"] and not status.pending
     assert status.active[0].ready_copies >= 1
+
+
+def test_a_rollout_needs_telemetry(vmesh, stub) -> None:
+    """This mesh has no Redis: a rollout could not be judged, so it does not start."""
+    set_vmodel(vmesh, stub, "no-redis", {"linear-0": 1})
+    spec = vmodels_pb2.RolloutSpec(vmodel="no-redis", candidate="linear-1", steps=[50, 100], dwell_s=5)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartRollout(vmodels_pb2.StartRolloutRequest(spec=spec), timeout=30, metadata=vmesh.auth_metadata)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "MESH_REDIS_URL" in err.value.details()
+    status = stub.GetVModel(vmodels_pb2.GetVModelRequest(name="no-redis"), timeout=10, metadata=vmesh.auth_metadata)
+    assert {t.model_id: t.weight for t in status.active} == {"linear-0": 1} and not status.HasField("rollout")

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mesh/pb/v1/vmodels.proto\x12\x07mesh.v1\"0\n\x0cVModelTarget\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\";\n\x08TagRoute\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"z\n\nVModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x07targets\x18\x02 \x03(\x0b\x32\x15.mesh.v1.VModelTarget\x12\x15\n\rsticky_header\x18\x03 \x01(\t\x12\x1f\n\x04tags\x18\x04 \x03(\x0b\x32\x11.mesh.v1.TagRoute\"F\n\x0cTargetStatus\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x14\n\x0cready_copies\x18\x03 \x01(\r\"\xce\x01\n\x0cVModelStatus\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.VModelSpec\x12%\n\x06\x61\x63tive\x18\x02 \x03(\x0b\x32\x15.mesh.v1.TargetStatus\x12&\n\x07pending\x18\x03 \x03(\x0b\x32\x15.mesh.v1.TargetStatus\x12\x13\n\x0bswitch_note\x18\x04 \x01(\t\x12\x17\n\x0fupdated_unix_ms\x18\x05 \x01(\x03\x12\x1e\n\x16switch_started_unix_ms\x18\x06 \x01(\x03\"5\n\x10SetVModelRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.VModelSpec\" \n\x10GetVModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVModelsRequest\"=\n\x13ListVModelsResponse\x12&\n\x07vmodels\x18\x01 \x03(\x0b\x32\x15.mesh.v1.VModelStatus\"#\n\x13\x44\x65leteVModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteVModelResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x32\xa6\x02\n\x07VModels\x12?\n\tSetVModel\x12\x19.mesh.v1.SetVModelRequest\x1a\x15.mesh.v1.VModelStatus\"\x00\x12?\n\tGetVModel\x12\x19.mesh.v1.GetVModelRequest\x1a\x15.mesh.v1.VModelStatus\"\x00\x12J\n\x0bListVModels\x12\x1b.mesh.v1.ListVModelsRequest\x1a\x1c.mesh.v1.ListVModelsResponse\"\x00\x12M\n\x0c\x44\x65leteVModel\x12\x1c.mesh.v1.DeleteVModelRequest\x1a\x1d.mesh.v1.DeleteVModelResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mesh/pb/v1/vmodels.proto\x12\x07mesh.v1\"0\n\x0cVModelTarget\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\";\n\x08TagRoute\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"z\n\nVModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x07targets\x18\x02 \x03(\x0b\x32\x15.mesh.v1.VModelTarget\x12\x15\n\rsticky_header\x18\x03 \x01(\t\x12\x1f\n\x04tags\x18\x04 \x03(\x0b\x32\x11.mesh.v1.TagRoute\"F\n\x0cTargetStatus\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x14\n\x0cready_copies\x18\x03 \x01(\r\"\xf7\x01\n\x0cVModelStatus\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.VModelSpec\x12%\n\x06\x61\x63tive\x18\x02 \x03(\x0b\x32\x15.mesh.v1.TargetStatus\x12&\n\x07pending\x18\x03 \x03(\x0b\x32\x15.mesh.v1.TargetStatus\x12\x13\n\x0bswitch_note\x18\x04 \x01(\t\x12\x17\n\x0fupdated_unix_ms\x18\x05 \x01(\x03\x12\x1e\n\x16switch_started_unix_ms\x18\x06 \x01(\x03\x12\'\n\x07rollout\x18\x07 \x01(\x0b\x32\x16.mesh.v1.RolloutStatus\"\xbc\x01\n\x0bRolloutSpec\x12\x0e\n\x06vmodel\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x03(\r\x12\x0f\n\x07\x64well_s\x18\x04 \x01(\x01\x12\x16\n\x0emax_error_rate\x18\x05 \x01(\x01\x12\x15\n\rmax_p99_ratio\x18\x06 \x01(\x01\x12\x14\n\x0cmin_requests\x18\x07 \x01(\r\x12\x12\n\ntag_header\x18\x08 \x01(\t\x12\x11\n\ttag_value\x18\t \x01(\t\"\xc3\x01\n\x0bRolloutStep\x12\x0f\n\x07percent\x18\x01 \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x02 \x01(\x03\x12\x15\n\rended_unix_ms\x18\x03 \x01(\x03\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x32\n\x07\x66igures\x18\x05 \x03(\x0b\x32!.mesh.v1.RolloutStep.FiguresEntry\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdf\x02\n\rRolloutStatus\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.mesh.v1.RolloutSpec\x12\x0e\n\x06stable\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x0f\n\x07percent\x18\x05 \x01(\r\x12\x1c\n\x14step_started_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x08 \x01(\x03\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x34\n\x07\x66igures\x18\n \x03(\x0b\x32#.mesh.v1.RolloutStatus.FiguresEntry\x12%\n\x07history\x18\x0b \x03(\x0b\x32\x14.mesh.v1.RolloutStep\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x13StartRolloutRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.mesh.v1.RolloutSpec\"%\n\x13\x41\x62ortRolloutRequest\x12\x0e\n\x06vmodel\x18\x01 \x01(\t\"5\n\x10SetVModelRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.mesh.v1.VModelSpec\" \n\x10GetVModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVModelsRequest\"=\n\x13ListVModelsResponse\x12&\n\x07vmodels\x18\x01 \x03(\x0b\x32\x15.mesh.v1.VModelStatus\"#\n\x13\x44\x65leteVModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteVModelResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x32\xb4\x03\n\x07VModels\x12?\n\tSetVModel\x12\x19.mesh.v1.SetVModelRequest\x1a\x15.mesh.v1.VModelStatus\"\x00\x12?\n\tGetVModel\x12\x19.mesh.v1.GetVModelRequest\x1a\x15.mesh.v1.VModelStatus\"\x00\x12J\n\x0bListVModels\x12\x1b.mesh.v1.ListVModelsRequest\x1a\x1c.mesh.v1.ListVModelsResponse\"\x00\x12M\n\x0c\x44\x65leteVModel\x12\x1c.mesh.v1.DeleteVModelRequest\x1a\x1d.mesh.v1.DeleteVModelResponse\"\x00\x12\x45\n\x0cStartRollout\x12\x1c.mesh.v1.StartRolloutRequest\x1a\x15.mesh.v1.VModelStatus\"\x00\x12\x45\n\x0c\x41\x62ortRollout\x12\x1c.mesh.v1.AbortRolloutRequest\x1a\x15.mesh.v1.VModelStatus\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.pb.v1.vmodels_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ROLLOUTSTEP_FIGURESENTRY']._loaded_options = None
+  _globals['_ROLLOUTSTEP_FIGURESENTRY']._serialized_options = b'8\001'
+  _globals['_ROLLOUTSTATUS_FIGURESENTRY']._loaded_options = None
+  _globals['_ROLLOUTSTATUS_FIGURESENTRY']._serialized_options = b'8\001'
   _globals['_VMODELTARGET']._serialized_start=37
   _globals['_VMODELTARGET']._serialized_end=85
   _globals['_TAGROUTE']._serialized_start=87
@@ -41,19 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TARGETSTATUS']._serialized_start=272
   _globals['_TARGETSTATUS']._serialized_end=342
   _globals['_VMODELSTATUS']._serialized_start=345
-  _globals['_VMODELSTATUS']._serialized_end=551
-  _globals['_SETVMODELREQUEST']._serialized_start=553
-  _globals['_SETVMODELREQUEST']._serialized_end=606
-  _globals['_GETVMODELREQUEST']._serialized_start=608
-  _globals['_GETVMODELREQUEST']._serialized_end=640
-  _globals['_LISTVMODELSREQUEST']._serialized_start=642
-  _globals['_LISTVMODELSREQUEST']._serialized_end=662
-  _globals['_LISTVMODELSRESPONSE']._serialized_start=664
-  _globals['_LISTVMODELSRESPONSE']._serialized_end=725
-  _globals['_DELETEVMODELREQUEST']._serialized_start=727
-  _globals['_DELETEVMODELREQUEST']._serialized_end=762
-  _globals['_DELETEVMODELRESPONSE']._serialized_start=764
-  _globals['_DELETEVMODELRESPONSE']._serialized_end=803
-  _globals['_VMODELS']._serialized_start=806
-  _globals['_VMODELS']._serialized_end=1100
+  _globals['_VMODELSTATUS']._serialized_end=592
+  _globals['_ROLLOUTSPEC']._serialized_start=595
+  _globals['_ROLLOUTSPEC']._serialized_end=783
+  _globals['_ROLLOUTSTEP']._serialized_start=786
+  _globals['_ROLLOUTSTEP']._serialized_end=981
+  _globals['_ROLLOUTSTEP_FIGURESENTRY']._serialized_start=935
+  _globals['_ROLLOUTSTEP_FIGURESENTRY']._serialized_end=981
+  _globals['_ROLLOUTSTATUS']._serialized_start=984
+  _globals['_ROLLOUTSTATUS']._serialized_end=1335
+  _globals['_ROLLOUTSTATUS_FIGURESENTRY']._serialized_start=935
+  _globals['_ROLLOUTSTATUS_FIGURESENTRY']._serialized_end=981
+  _globals['_STARTROLLOUTREQUEST']._serialized_start=1337
+  _globals['_STARTROLLOUTREQUEST']._serialized_end=1394
+  _globals['_ABORTROLLOUTREQUEST']._serialized_start=1396
+  _globals['_ABORTROLLOUTREQUEST']._serialized_end=1433
+  _globals['_SETVMODELREQUEST']._serialized_start=1435
+  _globals['_SETVMODELREQUEST']._serialized_end=1488
+  _globals['_GETVMODELREQUEST']._serialized_start=1490
+  _globals['_GETVMODELREQUEST']._serialized_end=1522
+  _globals['_LISTVMODELSREQUEST']._serialized_start=1524
+  _globals['_LISTVMODELSREQUEST']._serialized_end=1544
+  _globals['_LISTVMODELSRESPONSE']._serialized_start=1546
+  _globals['_LISTVMODELSRESPONSE']._serialized_end=1607
+  _globals['_DELETEVMODELREQUEST']._serialized_start=1609
+  _globals['_DELETEVMODELREQUEST']._serialized_end=1644
+  _globals['_DELETEVMODELRESPONSE']._serialized_start=1646
+  _globals['_DELETEVMODELRESPONSE']._serialized_end=1685
+  _globals['_VMODELS']._serialized_start=1688
+  _globals['_VMODELS']._serialized_end=2124
 # @@protoc_insertion_point(module_scope)

@@ -48,20 +48,110 @@ class TargetStatus(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., weight: _Optional[int] = ..., ready_copies: _Optional[int] = ...) -> None: ...
 
 class VModelStatus(_message.Message):
-    __slots__ = ("spec", "active", "pending", "switch_note", "updated_unix_ms", "switch_started_unix_ms")
+    __slots__ = ("spec", "active", "pending", "switch_note", "updated_unix_ms", "switch_started_unix_ms", "rollout")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     SWITCH_NOTE_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SWITCH_STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     spec: VModelSpec
     active: _containers.RepeatedCompositeFieldContainer[TargetStatus]
     pending: _containers.RepeatedCompositeFieldContainer[TargetStatus]
     switch_note: str
     updated_unix_ms: int
     switch_started_unix_ms: int
-    def __init__(self, spec: _Optional[_Union[VModelSpec, _Mapping]] = ..., active: _Optional[_Iterable[_Union[TargetStatus, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[TargetStatus, _Mapping]]] = ..., switch_note: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., switch_started_unix_ms: _Optional[int] = ...) -> None: ...
+    rollout: RolloutStatus
+    def __init__(self, spec: _Optional[_Union[VModelSpec, _Mapping]] = ..., active: _Optional[_Iterable[_Union[TargetStatus, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[TargetStatus, _Mapping]]] = ..., switch_note: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., switch_started_unix_ms: _Optional[int] = ..., rollout: _Optional[_Union[RolloutStatus, _Mapping]] = ...) -> None: ...
+
+class RolloutSpec(_message.Message):
+    __slots__ = ("vmodel", "candidate", "steps", "dwell_s", "max_error_rate", "max_p99_ratio", "min_requests", "tag_header", "tag_value")
+    VMODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DWELL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TAG_HEADER_FIELD_NUMBER: _ClassVar[int]
+    TAG_VALUE_FIELD_NUMBER: _ClassVar[int]
+    vmodel: str
+    candidate: str
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    dwell_s: float
+    max_error_rate: float
+    max_p99_ratio: float
+    min_requests: int
+    tag_header: str
+    tag_value: str
+    def __init__(self, vmodel: _Optional[str] = ..., candidate: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., dwell_s: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., tag_header: _Optional[str] = ..., tag_value: _Optional[str] = ...) -> None: ...
+
+class RolloutStep(_message.Message):
+    __slots__ = ("percent", "started_unix_ms", "ended_unix_ms", "outcome", "figures")
+    class FiguresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    percent: int
+    started_unix_ms: int
+    ended_unix_ms: int
+    outcome: str
+    figures: _containers.ScalarMap[str, float]
+    def __init__(self, percent: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., ended_unix_ms: _Optional[int] = ..., outcome: _Optional[str] = ..., figures: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("spec", "stable", "state", "step", "percent", "step_started_unix_ms", "started_unix_ms", "finished_unix_ms", "reason", "figures", "history")
+    class FiguresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STABLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STEP_STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    spec: RolloutSpec
+    stable: str
+    state: str
+    step: int
+    percent: int
+    step_started_unix_ms: int
+    started_unix_ms: int
+    finished_unix_ms: int
+    reason: str
+    figures: _containers.ScalarMap[str, float]
+    history: _containers.RepeatedCompositeFieldContainer[RolloutStep]
+    def __init__(self, spec: _Optional[_Union[RolloutSpec, _Mapping]] = ..., stable: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[int] = ..., step_started_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ..., figures: _Optional[_Mapping[str, float]] = ..., history: _Optional[_Iterable[_Union[RolloutStep, _Mapping]]] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RolloutSpec
+    def __init__(self, spec: _Optional[_Union[RolloutSpec, _Mapping]] = ...) -> None: ...
+
+class AbortRolloutRequest(_message.Message):
+    __slots__ = ("vmodel",)
+    VMODEL_FIELD_NUMBER: _ClassVar[int]
+    vmodel: str
+    def __init__(self, vmodel: _Optional[str] = ...) -> None: ...
 
 class SetVModelRequest(_message.Message):
     __slots__ = ("spec",)

@@ -55,6 +55,16 @@ class VModelsStub:
                 request_serializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.DeleteVModelRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.DeleteVModelResponse.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/mesh.v1.VModels/StartRollout',
+                request_serializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.VModelStatus.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/mesh.v1.VModels/AbortRollout',
+                request_serializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.VModelStatus.FromString,
+                _registered_method=True)
 
 
 class VModelsServicer:
@@ -92,6 +102,28 @@ class VModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """Starts a rollout of the vmodel from its one weighted target (the stable one) to
+        `candidate`: the candidate is made ready, then takes steps[0] percent of the requests; the
+        placement leader promotes each step after its dwell when the candidate's error rate and p99
+        (router telemetry, over the step) stay within the bounds, and rolls back automatically
+        otherwise (mesh/rollout.py). Answers once the first step is live. FAILED_PRECONDITION when
+        a rollout is running, a switch is pending, the vmodel has several weighted targets, or the
+        mesh has no telemetry (Redis); INVALID_ARGUMENT on bad steps or bounds; NOT_FOUND for an
+        unknown vmodel or candidate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Stops a running rollout: all traffic back to the stable target. FAILED_PRECONDITION when
+        none is running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +146,16 @@ def add_VModelsServicer_to_server(servicer, server):
                     servicer.DeleteVModel,
                     request_deserializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.DeleteVModelRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.DeleteVModelResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.StartRolloutRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.VModelStatus.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_v1_dot_vmodels__pb2.VModelStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +266,60 @@ class VModels:
             '/mesh.v1.VModels/DeleteVModel',
             mesh_dot_pb_dot_v1_dot_vmodels__pb2.DeleteVModelRequest.SerializeToString,
             mesh_dot_pb_dot_v1_dot_vmodels__pb2.DeleteVModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.VModels/StartRollout',
+            mesh_dot_pb_dot_v1_dot_vmodels__pb2.StartRolloutRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_vmodels__pb2.VModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.VModels/AbortRollout',
+            mesh_dot_pb_dot_v1_dot_vmodels__pb2.AbortRolloutRequest.SerializeToString,
+            mesh_dot_pb_dot_v1_dot_vmodels__pb2.VModelStatus.FromString,
             options,
             channel_credentials,
             insecure,

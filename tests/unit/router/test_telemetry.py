@@ -100,3 +100,27 @@ def test_window_covers_the_buckets_ending_now() -> None:
     assert keys.window(65_000, 30) == [6, 5, 4]
     assert keys.window(65_000, 1) == [6]
     assert keys.requests(6) == "meshserve:mesh:req:6"
+
+
+def test_rollout_requests_are_counted_per_second_and_target_with_a_latency_histogram() -> None:
+    from mesh import rollout
+
+    now = [41_200]
+    redis, metrics = FakeRedis(), Metrics()
+    t = Telemetry(redis, TelemetryKeys("/r"), metrics, now_ms=lambda: now[0])
+    t.record_rollout("vm", "cand", False, 0.004)
+    t.record_rollout("vm", "cand", True, 0.004)
+    now[0] = 42_100
+    t.record_rollout("vm", "stable", True, 0.0001)
+    assert asyncio.run(t.flush())
+    b = rollout.latency_bucket(0.004)
+    fields = sorted(op[1:] for op in redis.ops if op[0] == "hincrby" and ":ro:" in op[1])
+    assert fields == sorted([
+        ("meshserve:r:ro:vm:41", "cand|n", 2), ("meshserve:r:ro:vm:41", "cand|e", 1),
+        ("meshserve:r:ro:vm:41", f"cand|l{b}", 2), ("meshserve:r:ro:vm:42", "stable|n", 1),
+        ("meshserve:r:ro:vm:42", "stable|l0", 1)])
+    assert ("expire", "meshserve:r:ro:vm:41", rollout.RETENTION_S) in redis.ops
+    # What the placement leader reads back: parse_fields over one second's hash.
+    counts = rollout.parse_fields({f.encode(): str(n).encode() for k, f, n in fields if k.endswith(":41")})
+    assert counts["cand"].requests == 2 and counts["cand"].error_rate == 0.5
+    assert rollout.bucket_upper_s(b - 1) < counts["cand"].quantile_s(0.99) <= rollout.bucket_upper_s(b)

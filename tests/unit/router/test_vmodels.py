@@ -91,3 +91,31 @@ def test_bad_specs_are_refused_with_a_reason(wanted: Wanted, message: str) -> No
 
 def test_a_good_spec_passes() -> None:
     vmodels.check_shape(Wanted("v", (("a", 70), ("b", 30)), "x-user", (("x-variant", "canary", "b"),)))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"steps": ()}, "at least one step"),
+    ({"steps": (10, 5, 100)}, "increase"),
+    ({"steps": (10, 50)}, "last step must be 100"),
+    ({"steps": (0, 100)}, "tag route"),
+    ({"steps": (10, 101)}, "0 to 100"),
+    ({"dwell_s": 0.1}, "dwell"),
+    ({"dwell_s": float("nan")}, "dwell"),
+    ({"max_error_rate": 1.5}, "max_error_rate"),
+    ({"max_p99_ratio": -1.0}, "max_p99_ratio"),
+    ({"tag_header": "x-canary"}, "both a header and a value"),
+    ({"tag_header": "authorization", "tag_value": "1"}, "tag header"),
+    ({"candidate": ""}, "candidate"),
+])
+def test_bad_rollouts_are_refused_with_a_reason(changes: dict, message: str) -> None:
+    import dataclasses
+
+    good = vmodels.RolloutWanted(vmodel="vm", candidate="m2", steps=(1, 10, 100), dwell_s=30.0)
+    with pytest.raises(InvalidArgument, match=message):
+        vmodels.check_rollout(dataclasses.replace(good, **changes))
+
+
+def test_a_rollout_gets_the_default_bounds() -> None:
+    checked = vmodels.check_rollout(vmodels.RolloutWanted(vmodel="vm", candidate="m2", steps=(0, 100), dwell_s=5,
+                                                          tag_header="x-canary", tag_value="1"))
+    assert checked.max_error_rate == vmodels.DEFAULT_MAX_ERROR_RATE and checked.min_requests == 20
