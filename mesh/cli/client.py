@@ -192,6 +192,8 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
         request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
         request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
     headers = tuple((k.lower(), v) for k, v in getattr(args, "header", []))  # e.g. a vmodel's sticky / tag header
+    if getattr(args, "repeat", 1) > 1:
+        return _repeat(stub, request, args, headers)
     resp = stub.ModelInfer(request, timeout=args.timeout, metadata=headers or None)
     print(f"model {resp.model_name} version {resp.model_version or '-'}")  # a vmodel's: the target that answered
     for i, out in enumerate(resp.outputs):
@@ -201,6 +203,29 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
         else:
             print(f"{out.name} {out.datatype} {list(out.shape)}")
     return 0
+
+
+def _repeat(stub: Any, request: Any, args: argparse.Namespace, headers: tuple[tuple[str, str], ...]) -> int:
+    """`--repeat N`: the same request N times; who answered (model and version), and the errors
+    by code. Exit 1 when any failed."""
+    import collections
+    import time
+
+    answered: collections.Counter[str] = collections.Counter()
+    failed: collections.Counter[str] = collections.Counter()
+    for i in range(args.repeat):
+        if i and args.interval > 0:
+            time.sleep(args.interval)
+        try:
+            resp = stub.ModelInfer(request, timeout=args.timeout, metadata=headers or None)
+            answered[f"model {resp.model_name} version {resp.model_version or '-'}"] += 1
+        except grpc.RpcError as exc:
+            failed[f"{exc.code().name}: {exc.details()}"[:200]] += 1
+    for what, n in answered.most_common():
+        print(f"{n:6d}  {what}")
+    for what, n in failed.most_common():
+        print(f"{n:6d}  error {what}")
+    return 1 if failed else 0
 
 
 def _size(n: int) -> str:

@@ -8,7 +8,8 @@
                          [--max-batch-size N] [--max-queue-delay-us US] [--idle-ttl S] [--version N]
     mesh register --repository DIR|s3://bucket/prefix [--prune] [--no-update]
                                     every model of a Triton-style repository, in one call
-    mesh list | status ID [--output table|json] | infer ID [--input JSON] | unregister ID
+    mesh list | status ID [--output table|json] | infer ID [--input JSON] [--repeat N [--interval S]]
+         | unregister ID
     mesh top [--once | --iterations N] [--interval S] [--metrics HOST:PORT]
                                     busiest models, hit ratio, pods' memory, refreshed
     mesh usage [--since 24h] [--tenant T] [--output table|json|csv] [--redis URL]
@@ -17,7 +18,10 @@
          | token revoke NAME|ID|TOKEN | token generate
     mesh alias set NAME MODEL[=WEIGHT] ... [--sticky-header H] [--tag HEADER=VALUE:MODEL]
          | alias get|status|delete NAME | alias list
-                                    vmodels: one name over several models (mesh/cli/alias.py)
+         | alias rollout NAME --to MODEL [--steps 1,10,50,100] [--dwell 60s] [--max-error-rate F]
+                         [--max-p99-ratio R] [--tag H=V] [--wait] | alias rollout NAME --abort
+                                    vmodels: one name over several models, rollouts with automatic
+                                    rollback (mesh/cli/alias.py)
     mesh tenant set T [--max-models N] [--max-requests-per-s R] [--max-in-flight N]
                       [--memory-reserved SIZE] [--memory-cap SIZE] | tenant get T | tenant list
          | tenant delete T
@@ -188,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--batch", type=_count, default=1, help="batch size for random inputs")
     infer.add_argument("--header", action="append", default=[], type=_label, metavar="KEY=VALUE",
                        help="request metadata, e.g. a vmodel's sticky or tag header (repeatable)")
+    infer.add_argument("--repeat", type=_count, default=1, metavar="N",
+                       help="send the request N times and print who answered and how often (traffic for a "
+                            "vmodel's split or rollout)")
+    infer.add_argument("--interval", type=float, default=0.0, metavar="S",
+                       help="with --repeat: seconds between requests (spread the traffic over a rollout's dwell)")
     target(infer)
 
     token = sub.add_parser("token", help="API tokens (admin): create, list, revoke; generate one offline")

@@ -35,13 +35,13 @@ X = np.ones((1, 4), dtype=np.float32)
 @pytest.fixture(scope="module")
 def romesh(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory, model_files) -> Iterator[LocalMesh]:
     base = tmp_path_factory.mktemp("romesh")
-    m = start_mesh(base, etcd_endpoint, pods=2, routers=2, placements=2, capacity="256MiB", redis=True)
+    m = start_mesh(base, etcd_endpoint, pods=2, routers=2, placements=2, capacity="512MiB", redis=True)
     try:
         for i in range(6):
             m.register(f"linear-{i}", model_files[f"linear-{i}"])
         m.register("wider", demo.save(demo.linear_model(9, in_features=5), base / "wider.onnx"))
-        # As linear-*, plus a matrix product over a 64 MB weight on every request: slower.
-        m.register("slow", demo.save(demo.linear_model(10, weight_bytes=64 << 20), base / "slow.onnx"))
+        # As linear-*, plus a matrix product over a 128 MB weight on every request: ~20x slower.
+        m.register("slow", demo.save(demo.linear_model(10, weight_bytes=128 << 20), base / "slow.onnx"))
         yield m
     finally:
         m.stop()
@@ -168,6 +168,10 @@ def test_a_healthy_candidate_is_promoted_step_by_step_through_the_cli(romesh, st
     assert load.failures == []
     assert {m for _, m in load.answers} == {"linear-1", "linear-2"}
     assert {m for _, m in load.answers[cut:]} == {"linear-2"}
+    repeat = subprocess.run(  # the walk-through's traffic: who answered, how often
+        [sys.executable, "-m", "mesh.cli.main", "infer", "ro-b", "--repeat", "5", "--input", "input=[[1,2,3,4]]",
+         "--router", romesh.router_addresses[1], "--token", token], capture_output=True, text=True, timeout=60)
+    assert repeat.returncode == 0 and repeat.stdout.split() == ["5", "model", "linear-2", "version", "1"], repeat
 
 
 def test_a_slow_candidate_is_rolled_back_by_its_p99(romesh, stub) -> None:
