@@ -156,12 +156,19 @@ def _figures_line(figures: Any) -> str:
     return text
 
 
+def _when(unix_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(unix_ms / 1000)) + f".{unix_ms % 1000:03d}Z"
+
+
 def _print_rollout(r: vmodels_pb2.RolloutStatus) -> None:
     steps = ",".join(str(p) for p in r.spec.steps)
     where = f"step {r.step + 1} of {len(r.spec.steps)} ({r.percent}%)" if r.state == "running" else r.state
     print(f"  rollout {r.stable} -> {r.spec.candidate}: {where}; steps {steps}, dwell {r.spec.dwell_s:g}s, "
           f"max error rate {r.spec.max_error_rate:g}" + (f", max p99 ratio {r.spec.max_p99_ratio:g}"
                                                          if r.spec.max_p99_ratio else ""))
+    started = _when(r.started_unix_ms)
+    print(f"    started {started}" + (f", ended {_when(r.finished_unix_ms)}" if r.finished_unix_ms else
+                                      f", this step since {_when(r.step_started_unix_ms)}"))
     if r.reason:
         print(f"    {r.reason}")
     print(f"    {_figures_line(r.figures)}")

@@ -341,3 +341,18 @@ async def test_a_new_leader_resumes_from_the_record_and_redis() -> None:
     ro = w.rollout()
     assert ro.step == 1 and ro.history[0]["figures"]["candidate_requests"] == 1201
     assert ro.history[0]["figures"]["stable_requests"] == 1201 * 9
+
+
+async def test_blue_green_validates_on_tagged_requests_then_takes_all_traffic() -> None:
+    """Steps 0 -> 100: at 0 % only the tag route reaches the candidate; its requests are judged
+    like any step's, then it takes everything and the tag route goes."""
+    w = world([0, 100], dwell_s=5.0)
+    assert w.record().active == {CAND: 0, STABLE: 100}
+    w.traffic(5, cand=5, stable=50)  # the candidate's 5/s are the tagged requests
+    assert await w.runner.tick() == 1
+    ro = w.rollout()
+    assert ro.running and ro.step == 1 and w.record().active == {CAND: 100}
+    assert ro.history[0]["percent"] == 0 and ro.history[0]["figures"]["candidate_requests"] == 25
+    w.traffic(5, cand=50)
+    assert await w.runner.tick() == 1
+    assert w.rollout().state == "promoted" and w.record().tags == {"x-lane": {"blue": STABLE}}
