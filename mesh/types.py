@@ -92,6 +92,10 @@ class CopyRecord:
     error: str = ""
     updated_unix_ms: int = 0
     measure_method: str = ""  # how size_bytes was measured (puller/footprint.py: "rss+peak", "nvml-pid", ...)
+    # LOADING, while the artifact is pulled (puller/modelstate.py, about once a second): bytes
+    # written so far of the expected total (both 0 when no pull runs or its size is unknown).
+    pulled_bytes: int = 0
+    total_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -210,6 +210,14 @@ class ArtifactCache:
             self.release(key)
             raise
 
+    def progress(self, uri: str, sha256: str = "", tenant: str = "", credentials_ref: str = "") -> tuple[int, int] | None:
+        """(bytes written, bytes expected) of the pull of this artifact in progress; None when
+        none runs or its size is not known (the storage did not say)."""
+        writing = self._writing.get(cache_key(uri, sha256, Auth(tenant, credentials_ref)))
+        if writing is None or writing.size <= 0:
+            return None
+        return min(_size_of(writing.part), writing.size), writing.size
+
     def discard(self, key: str) -> None:
         """A load of the artifact failed: it leaves the cache at once (the caller still
         releases its pin), unless another load holds it too (it loaded there, so the bytes

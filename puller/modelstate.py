@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from puller.records import Publisher
 from puller.table import ModelTable, Served
 
 log = logging.getLogger(__name__)
+PULL_REPORT_S = 1.0  # how often a pull's progress goes into the LOADING record
 
 
 class Host(Protocol):
@@ -296,8 +298,12 @@ class ModelSlot:
     async def _load(self, assignment: Assignment) -> None:
         host = self.host
         t0 = time.perf_counter()
-        self.artifact = await host.cache.acquire(assignment.storage_uri, assignment.sha256,
-                                                 assignment.tenant, assignment.credentials_ref)
+        reporting = asyncio.create_task(self._report_pull(assignment), name=f"pull-progress-{self.model_id}")
+        try:
+            self.artifact = await host.cache.acquire(assignment.storage_uri, assignment.sha256,
+                                                     assignment.tenant, assignment.credentials_ref)
+        finally:
+            reporting.cancel()
         t1 = time.perf_counter()
         await host.wait_room(assignment.predicted_bytes)
         t2 = time.perf_counter()
@@ -322,6 +328,19 @@ class ModelSlot:
         except Exception:
             host.cache.discard(self.artifact.key)  # a failed artifact is deleted, never left behind
             raise
+
+    async def _report_pull(self, assignment: Assignment) -> None:
+        """While the artifact is pulled: its progress in the LOADING record, every PULL_REPORT_S."""
+        while True:
+            await asyncio.sleep(PULL_REPORT_S)
+            got = self.host.cache.progress(assignment.storage_uri, assignment.sha256, assignment.tenant,
+                                           assignment.credentials_ref)
+            if got is not None:
+                self._submit(functools.partial(self._pulled, assignment, *got))
+
+    def _pulled(self, assignment: Assignment, pulled: int, total: int) -> None:
+        if self.state is CopyState.LOADING and self.assignment is assignment and self.job is not None:
+            self._set(CopyState.LOADING, pulled_bytes=pulled, total_bytes=total)
 
     async def _drain(self, served: Served) -> None:
         start = time.perf_counter()

@@ -60,6 +60,8 @@ def status_to_pb(status: ModelStatus) -> types_pb2.ModelStatus:
                 size_bytes=max(c.size_bytes, 0),
                 error=c.error,
                 measure_method=c.measure_method,
+                pulled_bytes=max(c.pulled_bytes, 0),
+                total_bytes=max(c.total_bytes, 0),
             )
             for c in sorted(status.copies, key=lambda c: c.instance_id)
         ],

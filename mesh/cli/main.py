@@ -9,7 +9,7 @@
     mesh register --repository DIR|s3://bucket/prefix [--prune] [--no-update]
                                     every model of a Triton-style repository, in one call
     mesh list | status ID [--output table|json] | infer ID [--input JSON] [--repeat N [--interval S]]
-         | unregister ID
+         | load ID | unregister ID
     mesh top [--once | --iterations N] [--interval S] [--metrics HOST:PORT]
                                     busiest models, hit ratio, pods' memory, refreshed
     mesh usage [--since 24h] [--tenant T] [--output table|json|csv] [--redis URL]
@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="dynamic batching: how long a request may wait for a fuller batch while "
                           "a run of the model is in progress (microseconds)")
     target(reg)
+
+    load = sub.add_parser("load", help="load a model now (Triton's RepositoryModelLoad), with a progress bar of "
+                                       "its artifact's pull")
+    load.add_argument("model_id")
+    target(load)
 
     unreg = sub.add_parser("unregister", help="remove a model and its copies")
     unreg.add_argument("model_id")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mesh/pb/v1/types.proto\x12\x07mesh.v1\"\xde\x02\n\tModelSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x13\n\x0bstorage_uri\x18\x03 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12.\n\x06labels\x18\x06 \x03(\x0b\x32\x1e.mesh.v1.ModelSpec.LabelsEntry\x12\x12\n\nmin_copies\x18\x07 \x01(\r\x12\x12\n\nmax_copies\x18\x08 \x01(\r\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\n \x01(\r\x12\x17\n\x0f\x63redentials_ref\x18\x0b \x01(\t\x12\x15\n\ridle_unload_s\x18\x0c \x01(\r\x12\x0f\n\x07version\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x01\n\nCopyStatus\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.mesh.v1.CopyState\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x16\n\x0emeasure_method\x18\x06 \x01(\t\"\x9b\x02\n\x0bModelStatus\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.mesh.v1.ModelSpec\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.mesh.v1.ModelState\x12#\n\x06\x63opies\x18\x03 \x03(\x0b\x32\x13.mesh.v1.CopyStatus\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1a\n\x12last_error_unix_ms\x18\x06 \x01(\x03\x12\x0f\n\x07load_ms\x18\x07 \x01(\x04\x12\x15\n\rlast_decision\x18\x08 \x01(\t\x12\x1d\n\x15last_decision_unix_ms\x18\t \x01(\x03\x12\x16\n\x0emeasure_method\x18\n \x01(\t*[\n\tCopyState\x12\x1a\n\x16\x43OPY_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\n\n\x06LOADED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\r\n\tUNLOADING\x10\x04*p\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nNOT_LOADED\x10\x01\x12\x11\n\rMODEL_LOADING\x10\x02\x12\x10\n\x0cMODEL_LOADED\x10\x03\x12\x10\n\x0cMODEL_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mesh/pb/v1/types.proto\x12\x07mesh.v1\"\xde\x02\n\tModelSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x13\n\x0bstorage_uri\x18\x03 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12.\n\x06labels\x18\x06 \x03(\x0b\x32\x1e.mesh.v1.ModelSpec.LabelsEntry\x12\x12\n\nmin_copies\x18\x07 \x01(\r\x12\x12\n\nmax_copies\x18\x08 \x01(\r\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\n \x01(\r\x12\x17\n\x0f\x63redentials_ref\x18\x0b \x01(\t\x12\x15\n\ridle_unload_s\x18\x0c \x01(\r\x12\x0f\n\x07version\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\nCopyStatus\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.mesh.v1.CopyState\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x16\n\x0emeasure_method\x18\x06 \x01(\t\x12\x14\n\x0cpulled_bytes\x18\x07 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\"\x9b\x02\n\x0bModelStatus\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.mesh.v1.ModelSpec\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.mesh.v1.ModelState\x12#\n\x06\x63opies\x18\x03 \x03(\x0b\x32\x13.mesh.v1.CopyStatus\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1a\n\x12last_error_unix_ms\x18\x06 \x01(\x03\x12\x0f\n\x07load_ms\x18\x07 \x01(\x04\x12\x15\n\rlast_decision\x18\x08 \x01(\t\x12\x1d\n\x15last_decision_unix_ms\x18\t \x01(\x03\x12\x16\n\x0emeasure_method\x18\n \x01(\t*[\n\tCopyState\x12\x1a\n\x16\x43OPY_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\n\n\x06LOADED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\r\n\tUNLOADING\x10\x04*p\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nNOT_LOADED\x10\x01\x12\x11\n\rMODEL_LOADING\x10\x02\x12\x10\n\x0cMODEL_LOADED\x10\x03\x12\x10\n\x0cMODEL_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELSPEC_LABELSENTRY']._loaded_options = None
   _globals['_MODELSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_COPYSTATE']._serialized_start=821
-  _globals['_COPYSTATE']._serialized_end=912
-  _globals['_MODELSTATE']._serialized_start=914
-  _globals['_MODELSTATE']._serialized_end=1026
+  _globals['_COPYSTATE']._serialized_start=864
+  _globals['_COPYSTATE']._serialized_end=955
+  _globals['_MODELSTATE']._serialized_start=957
+  _globals['_MODELSTATE']._serialized_end=1069
   _globals['_MODELSPEC']._serialized_start=36
   _globals['_MODELSPEC']._serialized_end=386
   _globals['_MODELSPEC_LABELSENTRY']._serialized_start=341
   _globals['_MODELSPEC_LABELSENTRY']._serialized_end=386
   _globals['_COPYSTATUS']._serialized_start=389
-  _globals['_COPYSTATUS']._serialized_end=533
-  _globals['_MODELSTATUS']._serialized_start=536
-  _globals['_MODELSTATUS']._serialized_end=819
+  _globals['_COPYSTATUS']._serialized_end=576
+  _globals['_MODELSTATUS']._serialized_start=579
+  _globals['_MODELSTATUS']._serialized_end=862
 # @@protoc_insertion_point(module_scope)

@@ -72,20 +72,24 @@ class ModelSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., storage_uri: _Optional[str] = ..., format: _Optional[str] = ..., sha256: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., min_copies: _Optional[int] = ..., max_copies: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., credentials_ref: _Optional[str] = ..., idle_unload_s: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CopyStatus(_message.Message):
-    __slots__ = ("instance_id", "address", "state", "size_bytes", "error", "measure_method")
+    __slots__ = ("instance_id", "address", "state", "size_bytes", "error", "measure_method", "pulled_bytes", "total_bytes")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MEASURE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    PULLED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     state: CopyState
     size_bytes: int
     error: str
     measure_method: str
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., measure_method: _Optional[str] = ...) -> None: ...
+    pulled_bytes: int
+    total_bytes: int
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[CopyState, str]] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., measure_method: _Optional[str] = ..., pulled_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("spec", "state", "copies", "size_bytes", "last_error", "last_error_unix_ms", "load_ms", "last_decision", "last_decision_unix_ms", "measure_method")
