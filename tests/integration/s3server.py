@@ -47,11 +47,15 @@ class S3Server:
                 s3.upload_file(str(path), bucket, f"{prefix.rstrip('/')}/{path.relative_to(folder).as_posix()}")
 
 
-def start_s3(log_path: pathlib.Path, timeout: float = 60.0) -> S3Server:
+def start_s3(log_path: pathlib.Path, timeout: float = 60.0, auth_after: int = -1) -> S3Server:
+    """`auth_after` >= 0: moto enforces IAM from its (auth_after + 1)-th request on (moto's
+    INITIAL_NO_AUTH_ACTION_COUNT), so a key of a user without a policy is denied."""
     port = procs.free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+    if auth_after >= 0:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(auth_after)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     log.close()

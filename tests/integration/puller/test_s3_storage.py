@@ -122,6 +122,36 @@ async def test_errors_a_user_can_act_on(tmp_path: pathlib.Path, bucket: S3Server
     assert bucket.endpoint not in text and "meshtest" not in text and str(tmp_path) not in text
 
 
+async def test_access_denied_says_so(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key S3 refuses (an IAM user without a policy): FAILED with the reason, no key shown."""
+    import boto3
+
+    from mesh.cli import procs
+    from tests.integration.s3server import start_s3
+
+    server = start_s3(tmp_path / "moto.log", auth_after=4)  # bucket, object, user, key: then IAM
+    try:
+        anyone = {"endpoint_url": server.endpoint, "region_name": REGION, "aws_access_key_id": "setup",
+                  "aws_secret_access_key": "setup"}
+        s3 = boto3.client("s3", **anyone)
+        s3.create_bucket(Bucket="locked-models")
+        s3.put_object(Bucket="locked-models", Key="m/model.onnx", Body=b"onnx" * 100)
+        iam = boto3.client("iam", **anyone)
+        iam.create_user(UserName="no-policy")
+        key = iam.create_access_key(UserName="no-policy")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        cache = cache_for(tmp_path, server)
+        await cache.start()
+        with pytest.raises(LoadFailed, match="S3 denied access") as err:
+            await cache.acquire("s3://locked-models/m/model.onnx")
+        text = str(err.value)
+        assert key["AccessKeyId"] not in text and key["SecretAccessKey"] not in text and server.endpoint not in text
+        assert not list((tmp_path / "cache" / "tmp").iterdir())
+    finally:
+        procs.stop(server.proc)
+
+
 async def test_tenant_prefixes_hold_on_the_pod(tmp_path: pathlib.Path, bucket: S3Server, keys: None) -> None:
     prefixes = TenantPrefixes.parse(f'{{"a": ["s3://{BUCKET}/team-a"]}}', "MESH_RUNTIME_TENANT_STORAGE_PREFIXES")
     cache = cache_for(tmp_path, bucket, prefixes)
