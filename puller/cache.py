@@ -14,7 +14,7 @@ sha256 mismatch lose their temp file, and a load that fails on the installed art
 `discard`s it (unless another model loaded it fine and still uses it).
 
 A download lands in a folder under tmp/, is checked against the sha256 when one was given (of
-model.onnx alone, or the tree digest of a folder of several files, `tree_sha256`), and the
+model.onnx alone, or the tree digest of a folder of several files, puller/cachefiles.py), and the
 folder is renamed into objects/ (atomic on one file system), so a crash never leaves a half
 file or half a folder under a key; sizes and budgets count every file; eviction removes the
 folder.
@@ -51,15 +51,22 @@ from mesh.errors import LoadFailed
 from mesh.metrics import Metrics
 from mesh.singleflight import SingleFlight
 from mesh.uripolicy import show
+from puller.cachefiles import (
+    ARTIFACT,
+    HASH_CHUNK,
+    artifact_sha256,
+    fresh_dir,
+    private_dir,
+    private_tree,
+    remove_tree,
+    rounded,
+    size_of,
+)
 from puller.storage import Auth, DiskFull, Provider, client_for, is_disk_full
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "model.onnx"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 1024 * 1024
-_DIR_MODE = 0o700
-_FILE_MODE = 0o600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,20 +115,6 @@ def cache_key(uri: str, sha256: str, auth: Auth | None = None) -> str:
     return hashlib.sha256(f"{base}\0{auth.tenant}\0{auth.credentials_ref}".encode()).hexdigest()
 
 
-def private_dir(path: pathlib.Path) -> None:
-    """`path` (and missing parents) as a folder only the pod's user can enter, umask or not."""
-    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(path, _DIR_MODE)
-
-
-def file_sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ArtifactCache:
     def __init__(
         self, root: pathlib.Path, budget_bytes: int, storage: dict[str, Provider], metrics: Metrics,
@@ -164,7 +157,7 @@ class ArtifactCache:
             path = folder / ARTIFACT
             if folder.is_dir() and not folder.is_symlink() and path.is_file() and not path.is_symlink():
                 # an older version left them 0755 / 0644
-                entries.append((path.stat().st_mtime, folder.name, _private_tree(folder)))
+                entries.append((path.stat().st_mtime, folder.name, private_tree(folder)))
             elif folder.is_symlink():
                 folder.unlink(missing_ok=True)
             elif folder.is_dir():
@@ -216,7 +209,7 @@ class ArtifactCache:
         writing = self._writing.get(cache_key(uri, sha256, Auth(tenant, credentials_ref)))
         if writing is None or writing.size <= 0:
             return None
-        return min(_size_of(writing.part), writing.size), writing.size
+        return min(size_of(writing.part), writing.size), writing.size
 
     def discard(self, key: str) -> None:
         """A load of the artifact failed: it leaves the cache at once (the caller still
@@ -256,7 +249,7 @@ class ArtifactCache:
                 await self._evict_over_budget()
         finally:
             self._writing.pop(key, None)
-            await asyncio.to_thread(_remove_tree, part)
+            await asyncio.to_thread(remove_tree, part)
         self.metrics.cache_miss_seconds.labels("runtime").observe(time.perf_counter() - start)
         self._report()
 
@@ -274,7 +267,7 @@ class ArtifactCache:
             await reserve(hint)  # it failed for want of room before: fail fast if still none
         for attempt in (1, 2):
             try:
-                await asyncio.to_thread(_fresh_dir, part)
+                await asyncio.to_thread(fresh_dir, part)
                 pull_tree = getattr(client, "pull_tree", None)
                 if pull_tree is not None:
                     await pull_tree(uri, str(part), reserve, auth)
@@ -284,12 +277,12 @@ class ArtifactCache:
             except (DiskFull, OSError) as exc:
                 if not isinstance(exc, DiskFull) and not is_disk_full(exc):
                     raise
-                written = max(exc.written if isinstance(exc, DiskFull) else 0, _size_of(part))
+                written = max(exc.written if isinstance(exc, DiskFull) else 0, size_of(part))
                 size = exc.size if isinstance(exc, DiskFull) and exc.size else (known[-1] if known else None)
                 # What it needs for sure: its size, else more than was written. Only that lower
                 # bound is remembered (a later load refused on a guess could never succeed).
                 floor = max(size or written + 1, self._needed.get(key, 0))
-                await asyncio.to_thread(_remove_tree, part)
+                await asyncio.to_thread(remove_tree, part)
                 self._needed[key] = floor
                 log.warning("artifact %s: the cache disk filled up after %d bytes (attempt %d of 2)",
                             key, written, attempt)
@@ -297,7 +290,7 @@ class ArtifactCache:
                     disk = await asyncio.to_thread(self._disk, self.root)
                     raise LoadFailed(self._no_space(floor, disk, evicted[0], exact=size is not None)) from None
                 # Unknown size: evict for what was written plus a chunk, so the retry gets further.
-                evict_for = size or written + _HASH_CHUNK
+                evict_for = size or written + HASH_CHUNK
                 evicted[0] += await self._make_room(key, part, evict_for, evicted[0], after_full=True)
 
     async def _make_room(self, key: str, part: pathlib.Path, size: int, before: int = 0,
@@ -311,9 +304,9 @@ class ArtifactCache:
             self._writing[key] = _Writing(part, size)
             disk = await asyncio.to_thread(self._disk, self.root)
             pending = await asyncio.to_thread(self._pending, key)
-            need = _rounded(size, disk.block) + disk.block  # its blocks and the folder's
+            need = rounded(size, disk.block) + disk.block  # its blocks and the folder's
             unpinned = [k for k in self._index if not self.pinned(k) and k != key]
-            reclaimable = sum(_rounded(self._index[k], disk.block) for k in unpinned)
+            reclaimable = sum(rounded(self._index[k], disk.block) for k in unpinned)
             if not after_full and disk.free - pending + reclaimable < need:
                 self._writing.pop(key, None)
                 raise LoadFailed(self._no_space(size, disk, before, pending))
@@ -329,7 +322,7 @@ class ArtifactCache:
                 await asyncio.to_thread(self._remove, victim)
                 self.metrics.artifact_evictions.inc()
                 evicted += 1
-                freed += _rounded(gone, disk.block)
+                freed += rounded(gone, disk.block)
                 log.info("evicted artifact %s (%d bytes) to make room for %s (%d bytes)", victim, gone, key, size)
                 disk = await asyncio.to_thread(self._disk, self.root)
             self._report()
@@ -341,7 +334,7 @@ class ArtifactCache:
     def _pending(self, key: str) -> int:
         """Bytes other downloads that reserved room have still to write (their temp files
         hold the rest, which statvfs already counts as used)."""
-        return sum(max(0, w.size - _size_of(w.part)) for k, w in self._writing.items() if k != key)
+        return sum(max(0, w.size - size_of(w.part)) for k, w in self._writing.items() if k != key)
 
     def _reserved_bytes(self) -> int:
         return sum(w.size for w in self._writing.values())
@@ -359,7 +352,7 @@ class ArtifactCache:
     def _install(self, part: pathlib.Path, key: str) -> int:
         """The downloaded folder becomes objects/<key> in one rename (the unit: a crash leaves
         either the whole folder or none); returns the size of all its files."""
-        size = _private_tree(part)  # the clients created them 0600; a fake or an old one may not have
+        size = private_tree(part)  # the clients created them 0600; a fake or an old one may not have
         folder = self.objects / key
         if folder.exists():  # not in the index, so a leftover: never merged with the new files
             self._remove(key)
@@ -397,74 +390,3 @@ class ArtifactCache:
 
     def _report(self) -> None:
         self.metrics.artifact_cache_bytes.set(self.size_bytes)
-
-
-def _rounded(size: int, block: int) -> int:
-    return -(-size // block) * block
-
-
-def _size_of(path: pathlib.Path) -> int:
-    """Bytes of a file, or of every file under a folder (a download in progress)."""
-    try:
-        if not path.is_dir():
-            return path.stat().st_size
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-    except OSError:
-        return 0
-
-
-def _fresh_dir(path: pathlib.Path) -> None:
-    _remove_tree(path)
-    path.mkdir(mode=_DIR_MODE)
-
-
-def _remove_tree(path: pathlib.Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _private_tree(folder: pathlib.Path) -> int:
-    """Makes a cached folder private (folders 0700, files 0600; links left alone, never
-    followed); returns the size of its files."""
-    total = 0
-    os.chmod(folder, _DIR_MODE)
-    for dirpath, dirs, files in os.walk(folder):
-        for name in dirs:
-            if not os.path.islink(os.path.join(dirpath, name)):
-                os.chmod(os.path.join(dirpath, name), _DIR_MODE)
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue  # no client writes links; never chmod through one (onnxcheck refuses it)
-            os.chmod(path, _FILE_MODE)
-            total += os.path.getsize(path)
-    return total
-
-
-def tree_sha256(folder: pathlib.Path) -> str:
-    """The digest of a multi-file artifact: sha256 of the lines "<sha256 of file>  <relative
-    path>\n", sorted by path (dot files skipped), i.e. what
-    `cd DIR && find . -type f ! -name '.*' -printf '%P\n' | LC_ALL=C sort | xargs sha256sum | sha256sum`
-    prints for a folder without dot folders."""
-    lines = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.is_symlink() and not any(p.startswith(".") for p in rel.split("/")):
-            lines.append((rel, file_sha256(path)))
-    h = hashlib.sha256()
-    for rel, digest in sorted(lines, key=lambda x: x[0].encode()):
-        h.update(f"{digest}  {rel}\n".encode())
-    return h.hexdigest()
-
-
-def is_multi_file(folder: pathlib.Path) -> bool:
-    """True when an artifact folder holds more than model.onnx alone."""
-    return any(p.name != ARTIFACT for p in folder.iterdir())
-
-
-def artifact_sha256(folder: pathlib.Path) -> str:
-    """What a spec's sha256 is compared with: model.onnx's own digest for a single file, the
-    tree digest (`tree_sha256`) for a folder of several files."""
-    return tree_sha256(folder) if is_multi_file(folder) else file_sha256(folder / ARTIFACT)

@@ -274,7 +274,7 @@ class Sandbox:
         """sha256 of the artifact (model.onnx, or the tree digest of its folder when it holds
         external data or other files too: the verdict then covers every byte onnxruntime
         reads), hashed once per version (inode, size, mtime of each file)."""
-        from puller.cache import ARTIFACT, artifact_sha256, file_sha256
+        from puller.cachefiles import ARTIFACT, artifact_sha256, file_sha256
 
         file = pathlib.Path(path)
         cached = file.name == ARTIFACT  # a cache entry (a folder); else a file of its own

@@ -17,7 +17,8 @@ from mesh.errors import LoadFailed
 from mesh.metrics import Metrics
 from mesh.uripolicy import FileRoots, TenantPrefixes
 from puller import onnxcheck
-from puller.cache import ArtifactCache, tree_sha256
+from puller.cache import ArtifactCache
+from puller.cachefiles import tree_sha256
 from puller.storage import Auth
 from puller.storage.credentials import Credentials
 from puller.storage.file import FileProvider
