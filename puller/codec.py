@@ -227,13 +227,19 @@ def join_bytes(items: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def encode_outputs(names: Sequence[str], arrays: Sequence[np.ndarray]) -> list[EncodedOutput]:
+def encode_outputs(names: Sequence[str], arrays: Sequence[np.ndarray],
+                   specs: Mapping[str, TensorSpec] | None = None) -> list[EncodedOutput]:
     """numpy outputs -> V2 tensors, always raw (Triton's answer to raw and typed requests alike):
     BYTES as 4-byte-length-prefixed elements, the rest as little-endian bytes (BF16 travels as
-    its 16-bit patterns, puller/datatypes.py)."""
+    its 16-bit patterns, puller/datatypes.py). The datatype is the array's, except where the
+    model's output `specs` say BF16: numpy cannot tell those uint16 arrays from UINT16."""
     out: list[EncodedOutput] = []
     for name, arr in zip(names, arrays, strict=True):
-        datatype = v2_of_numpy(arr.dtype)
+        spec = specs.get(name) if specs is not None else None
+        if spec is not None and spec.datatype == "BF16" and arr.dtype == V2["BF16"][0]:
+            datatype = "BF16"
+        else:
+            datatype = v2_of_numpy(arr.dtype)
         shape = tuple(int(d) for d in arr.shape)
         data = join_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
         out.append(EncodedOutput(name, datatype, shape, raw=data))

@@ -10,6 +10,10 @@ a device, so models with BYTES inputs or outputs run through `session.run`. IOBi
 every failure as a bare RuntimeError, so a failed bound run is repeated once through
 `session.run`, whose typed error tells a rejected input (INVALID_ARGUMENT) from a failure.
 
+Models with a BF16 input or output (numpy has no bfloat16) run through OrtValues instead,
+on CPU and CUDA pods alike (puller/ortvalues.py: outputs bound to host memory); the choice
+is made once at load, so the other models' path does not change.
+
 Before a session is created the artifact is vetted (puller/sandbox.py): its first load runs
 in a throw-away child process, and only an ok verdict lets it load here; meshserve's own graph
 checks (puller/onnxcheck.py) run there, or here when the sandbox is off. Every session is made
@@ -40,7 +44,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from mesh import demo
 from mesh.errors import InvalidArgument, LoadFailed, MeshError
-from puller import gpu, onnxcheck
+from puller import gpu, onnxcheck, ortvalues
 from puller.datatypes import ORT_TO_V2, V2, TensorSpec
 from puller.footprint import FILE_SIZE, Footprint, Measured, probe_for
 from puller.sandbox import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S, Sandbox
@@ -63,6 +67,7 @@ class LoadedModel:
     load_ms: int
     bytes_inputs: frozenset[str] = frozenset()  # BYTES inputs: onnxruntime wants str
     bound: bool = False  # runs through IOBinding (see the module docstring)
+    bf16: ortvalues.Bf16 | None = None  # its BF16 tensors: runs through puller/ortvalues.py
     measure_method: str = FILE_SIZE  # how size_bytes was measured (puller/footprint.py)
     # The figure's parts: what the session holds, and the largest transient peak of a run
     # on top; and the input elements of the largest run measured so far.
@@ -108,6 +113,19 @@ def warm_up_feeds(inputs: Mapping[str, TensorSpec], batch: int) -> dict[str, np.
         else:
             feeds[name] = np.ones(shape, dtype=V2[spec.datatype][0])
     return feeds
+
+
+def warm_up_run(session: ort.InferenceSession, inputs: Mapping[str, TensorSpec],
+                outputs: Mapping[str, TensorSpec], batch: int) -> int:
+    """One run on `warm_up_feeds` (here and in the sandbox child, puller/sandboxchild.py);
+    the input elements it ran. Raises what the run raises."""
+    feeds = warm_up_feeds(inputs, batch)
+    bf16 = ortvalues.Bf16.of(inputs, outputs)
+    if bf16 is None:
+        session.run(None, feeds)
+    else:
+        ortvalues.run(session, feeds, list(outputs), bf16)
+    return _elements(feeds)
 
 
 def _trim() -> None:
@@ -197,9 +215,9 @@ class Executor:
         self._prime()
         elements = 0
 
-        def warm_up(created: tuple[ort.InferenceSession, dict[str, TensorSpec], object, object]) -> None:
+        def warm_up(created: tuple[ort.InferenceSession, dict[str, TensorSpec], dict[str, TensorSpec], object]) -> None:
             nonlocal elements
-            elements = self._warm_up(model_id, created[0], created[1], batch)
+            elements = self._warm_up(model_id, created[0], created[1], created[2], batch)
 
         (session, inputs, outputs, bytes_inputs), measured = self.footprint.measure(
             lambda: self._create(model_id, path), warm_up
@@ -212,9 +230,10 @@ class Executor:
             measured = Measured(file_size, FILE_SIZE)
         load_ms = int((time.perf_counter() - start) * 1000)
         has_bytes = bool(bytes_inputs) or any(s.datatype == "BYTES" for s in outputs.values())
-        bound = self.io_binding and not has_bytes
+        bf16 = ortvalues.Bf16.of(inputs, outputs)
+        bound = self.io_binding and not has_bytes and bf16 is None
         return LoadedModel(
-            model_id, session, inputs, outputs, measured.bytes, load_ms, bytes_inputs, bound,
+            model_id, session, inputs, outputs, measured.bytes, load_ms, bytes_inputs, bound, bf16,
             measure_method=measured.method, steady_bytes=measured.steady, peak_bytes=measured.transient,
             measured_elements=elements,
         )
@@ -259,21 +278,23 @@ class Executor:
             raise LoadFailed(f"onnxruntime cannot load model '{model_id}': {reason}") from exc
         inputs = {arg.name: _spec(arg) for arg in session.get_inputs()}
         outputs = {arg.name: _spec(arg) for arg in session.get_outputs()}
+        refused = ortvalues.refusal(inputs, outputs)
+        if refused is not None:
+            raise LoadFailed(f"meshserve cannot serve model '{model_id}': {refused}")
         bytes_inputs = frozenset(n for n, s in inputs.items() if s.datatype == "BYTES")
         return session, inputs, outputs, bytes_inputs
 
     def _warm_up(
-        self, model_id: str, session: ort.InferenceSession, inputs: Mapping[str, TensorSpec], batch: int = 1
+        self, model_id: str, session: ort.InferenceSession, inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec], batch: int = 1,
     ) -> int:
         """One run on dummy feeds, `batch` rows where the first dimension is dynamic (1 for
         the other dynamic dimensions); the input elements it measured (0 when it failed)."""
-        feeds = warm_up_feeds(inputs, batch)
         try:
-            session.run(None, feeds)
+            return warm_up_run(session, inputs, outputs, batch)
         except Exception as exc:  # some graphs reject dummy values; serving may still work
             log.warning("warm-up run of model '%s' failed (serving anyway): %s", model_id, exc)
             return 0
-        return _elements(feeds)
 
     async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray], outputs: list[str],
                   execution: Execution | None = None) -> list[np.ndarray]:
@@ -329,6 +350,8 @@ class Executor:
         for name in model.bytes_inputs:
             feeds[name] = _to_ort_strings(name, feeds[name])
         try:
+            if model.bf16 is not None:  # never bound (see _load): its own binding, host outputs
+                return ortvalues.run(model.session, feeds, outputs, model.bf16)
             return model.session.run(outputs, feeds)
         except _INPUT_ERRORS as exc:
             raise InvalidArgument(f"model '{model.model_id}' rejected the input: {exc}") from exc

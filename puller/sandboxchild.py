@@ -110,8 +110,7 @@ def _vet(job: dict[str, Any]) -> dict[str, Any]:
         providers = [tuple(p) if isinstance(p, list) else p for p in job["providers"]]  # JSON made lists
         session = ort.InferenceSession(path, sess_options=options, providers=providers)
         inputs = {arg.name: executor._spec(arg) for arg in session.get_inputs()}
-        for arg in session.get_outputs():
-            executor._spec(arg)
+        outputs = {arg.name: executor._spec(arg) for arg in session.get_outputs()}
     except LoadFailed as exc:
         return {"result": ERROR, "reason": exc.message}
     except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal is the verdict
@@ -121,7 +120,7 @@ def _vet(job: dict[str, Any]) -> dict[str, Any]:
         text = _ORT_SOURCE.sub("", text.replace(path, "<artifact>"))
         return {"result": ERROR, "reason": text[:REASON_CHARS]}
     try:
-        session.run(None, executor.warm_up_feeds(inputs, int(job["batch"])))
+        executor.warm_up_run(session, inputs, outputs, int(job["batch"]))  # the pod's own warm-up run
     except Exception as exc:  # noqa: BLE001 - dummy values may be rejected; the pod serves anyway
         if _is_memory(str(exc)):
             return {"result": OUT_OF_MEMORY}

@@ -122,7 +122,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
                 # Cancelled while queued in the pool (caller gone, deadline passed): never runs.
                 timing.execution = Execution()
                 arrays = await self.executor.run(model, decoded.feeds, names, timing.execution)
-            response = _response(request, codec.encode_outputs(names, arrays))
+            response = _response(request, codec.encode_outputs(names, arrays, model.outputs))
         except MeshError:
             self.stats.failed(model.model_id, self.clock.unix_ms(), arrived, time.perf_counter_ns())
             raise

@@ -30,7 +30,8 @@ def specs() -> dict[str, dict[str, TensorSpec]]:
     """The models the in-process pod target decodes against: one input of every datatype
     (dynamic first dimension, like fuzz-types in the gRPC run), the linear FP32 model and an
     FP32 input of unknown rank (an ONNX input without a shape)."""
-    types = {f"in_{dt.lower()}": TensorSpec(f"in_{dt.lower()}", dt, (-1, 2)) for dt in DATATYPES}
+    # BF16 apart: beside a BYTES input a model is refused at load (puller/ortvalues.py)
+    types = {f"in_{dt.lower()}": TensorSpec(f"in_{dt.lower()}", dt, (-1, 2)) for dt in DATATYPES if dt != "BF16"}
     return {"fuzz-types": types, "fuzz-linear": {"input": TensorSpec("input", "FP32", (-1, 4))},
             "fuzz-any": {"x": TensorSpec("x", "FP32", ())}}  # unknown rank: the pod checks no shape
 

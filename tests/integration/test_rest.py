@@ -165,9 +165,6 @@ def test_bf16_round_trips_as_binary_and_refuses_json(url: str) -> None:
                          "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
     r = requests.post(f"{url}/v2/models/id-bf16/infer", data=header + bf16, timeout=120,
                       headers={"Inference-Header-Content-Length": str(len(header))})
-    if r.status_code == 400 and "bfloat16" in r.text and "cannot serve" in r.text:
-        pytest.skip("the runtime pods do not serve BF16 models yet (issue 11 item 1); the REST side is "
-                    "covered by tests/unit/router/test_rest_codec.py")
     assert r.status_code == 200, r.text
     n = int(r.headers["Inference-Header-Content-Length"])
     meta = json.loads(r.content[:n])
@@ -182,6 +179,11 @@ def test_bf16_round_trips_as_binary_and_refuses_json(url: str) -> None:
     r = requests.post(f"{url}/v2/models/id-bf16/infer", timeout=30, json={
         "inputs": [{"name": "input", "shape": [1, 2], "datatype": "BF16", "data": [1.0, 2.0]}]})
     assert r.status_code == 400 and "BF16" in r.json()["error"] and "binary" in r.json()["error"]
+    meta = requests.get(f"{url}/v2/models/id-bf16", timeout=120).json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "BF16", "shape": [-1, 2]}]
+    assert meta["outputs"] == [{"name": "output", "datatype": "BF16", "shape": [-1, 2]}]
+    config = requests.get(f"{url}/v2/models/id-bf16/config", timeout=120).json()
+    assert [t["data_type"] for t in config["input"] + config["output"]] == ["TYPE_BF16", "TYPE_BF16"]
 
 
 def test_tritonclient_http_statistics(client: triton.InferenceServerClient) -> None:
