@@ -57,16 +57,22 @@ class Result:
                 f"server CPU {self.cpu_ms_per_req:5.3f} ms/req  errors {self.errors}")
 
 
-def _client(address: str, model: str, tasks: int, duration: float, rows: int, width: int, queue: mp.Queue) -> None:
+def _client(address: str, model: str | list[str], tasks: int, duration: float, rows: int, width: int,
+            queue: mp.Queue, zipf: float = 0.0) -> None:
     import numpy as np
     import tritonclient.grpc.aio as tc
 
+    models = [model] if isinstance(model, str) else model
+    rng = np.random.default_rng(os.getpid())
+    weights = 1.0 / np.arange(1, len(models) + 1) ** zipf  # zipf 0: uniform
+    picks = iter(rng.choice(len(models), size=1_000_000, p=weights / weights.sum()).tolist())
+
     async def main() -> tuple[list[float], int]:
         client = tc.InferenceServerClient(address)
-        x = np.random.default_rng(os.getpid()).standard_normal((rows, width)).astype(np.float32)
+        x = rng.standard_normal((rows, width)).astype(np.float32)
         inp = tc.InferInput("input", [rows, width], "FP32")
         inp.set_data_from_numpy(x)
-        await client.infer(model, [inp], client_timeout=60)  # connect + warm
+        await client.infer(models[0], [inp], client_timeout=60)  # connect + warm
         lat: list[float] = []
         errors = 0
         end = time.perf_counter() + duration
@@ -75,7 +81,7 @@ def _client(address: str, model: str, tasks: int, duration: float, rows: int, wi
             nonlocal errors
             while (start := time.perf_counter()) < end:
                 try:
-                    await client.infer(model, [inp], client_timeout=30)
+                    await client.infer(models[next(picks)], [inp], client_timeout=30)
                 except Exception:
                     errors += 1
                     continue
@@ -88,14 +94,15 @@ def _client(address: str, model: str, tasks: int, duration: float, rows: int, wi
     queue.put(asyncio.run(main()))
 
 
-def load(name: str, address: str, model: str, concurrency: int, duration: float, server_pids: list[int],
-         processes: int = 2, rows: int = 1, width: int = 4) -> Result:
-    """Closed loop: `concurrency` requests in flight over `processes` client processes."""
+def load(name: str, address: str, model: str | list[str], concurrency: int, duration: float,
+         server_pids: list[int], processes: int = 2, rows: int = 1, width: int = 4, zipf: float = 0.0) -> Result:
+    """Closed loop: `concurrency` requests in flight over `processes` client processes; each
+    request names one of `model` (a list: picked uniformly, or by Zipf(`zipf`) over its order)."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
-    workers = [ctx.Process(target=_client, args=(address, model, n, duration, rows, width, queue)) for n in per]
+    workers = [ctx.Process(target=_client, args=(address, model, n, duration, rows, width, queue, zipf)) for n in per]
     for w in workers:
         w.start()
     time.sleep(min(1.0, duration / 5))  # let clients connect and warm before measuring CPU
@@ -189,9 +196,9 @@ def ratios(a: list[Result], b: list[Result], attr: str = "rps") -> list[float]:
     return [getattr(x, attr) / max(getattr(y, attr), 1e-9) for x, y in zip(a, b, strict=True)]
 
 
-def start_mesh(folder: pathlib.Path, env: dict[str, str] | None = None) -> LocalMesh:
+def start_mesh(folder: pathlib.Path, env: dict[str, str] | None = None, capacity: str = "256MiB") -> LocalMesh:
     """etcd + placement + one runtime pod + router, on free ports."""
-    mesh = LocalMesh(state_dir=folder, pods=1, capacity="256MiB", env=env or {}, allow_anonymous=True)
+    mesh = LocalMesh(state_dir=folder, pods=1, capacity=capacity, env=env or {}, allow_anonymous=True)
     return mesh.start(timeout=90)
 
 

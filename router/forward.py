@@ -32,7 +32,7 @@ from mesh.rpc.server import ChannelPool
 from mesh.rpc.status import answered, pushback_of
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
-from router import policy, tenancy, v2
+from router import auth, policy, tenancy, v2
 from router.miss import MissHandler
 from router.quota import Quotas
 from router.registry import unknown_model
@@ -45,7 +45,8 @@ INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # credentials, which are the router's to check and never reach a pod.
 _HOP_BY_HOP = frozenset(
     {"user-agent", "te", "content-type", "connection", "keep-alive", "host", "transfer-encoding",
-     "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "authorization"}
+     "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "authorization",
+     auth.DIGEST_KEY}
 )
 SWEEP_INTERVAL_S = 30.0
 # A miss avoiding the failed copies may still fail (no other pod fits, no leader): then the

@@ -34,7 +34,7 @@ from mesh.state import MeshState
 from mesh.tasks import Supervisor
 from mesh.telemetry import TelemetryKeys
 from mesh.telemetry import client as redis_client
-from router import auth, tokens
+from router import auth, envoy, tokens
 from router.extensions import Extensions
 from router.forward import Forwarder
 from router.miss import MissHandler
@@ -99,8 +99,16 @@ async def serve(
     if telemetry is not None:
         supervisor.start("telemetry", telemetry.run)
 
+    # Envoy on the public port (router/envoy.py) when wanted; this server then listens behind it.
+    binary, why = envoy.wanted(settings, public_tls is not None, internal_tls is not None)
+    plane = None
+    if binary is not None:
+        plane = envoy.DataPlane(binary, settings, state, table, forwarder.namespace.versions, metrics,
+                                lambda: quotas.free(""), forwarder.on_request)
+    else:
+        log.info("Envoy data plane off: %s", why)
     server, port = make_server(
-        settings.listen, settings.max_message_bytes, metrics,
+        settings.listen if plane is None else settings.envoy_internal_listen, settings.max_message_bytes, metrics,
         settings.max_concurrent_rpcs, limit_setting="MESH_ROUTER_MAX_CONCURRENT_RPCS",
         # Streams per connection above the RPC limit, so the limit sheds them with
         # RESOURCE_EXHAUSTED + pushback: at grpc's 100, one client multiplexing more calls got
@@ -111,6 +119,7 @@ async def serve(
     # Every public RPC is authenticated before its handler runs (router/auth.py); grpc
     # health (added by make_server) and the metrics port are not behind the guard.
     authn = auth.Authenticator.from_settings(settings, state.tokens, lambda: table.synced)
+    authn.trust_digest = plane is not None  # Envoy hashes tokens (router/envoy.py); this port is loopback then
     guard = auth.Guard(authn, admin_services=[tokens.SERVICE])
     # Triton's extensions (router/extensions.py), shared by every front.
     triton = Extensions(state, table, forwarder, registry, pods, placement)
@@ -128,7 +137,8 @@ async def serve(
         settings.rest_listen, settings.max_message_bytes, settings.rest_max_concurrent,
         settings.rest_keepalive_s, public_tls) if settings.rest_listen else None
     tokens_pb2_grpc.add_TokenAdminServicer_to_server(
-        tokens.TokenAdminServicer(client, keys, state, SystemClock(), authn.admin_digests), guard.server(server))
+        tokens.TokenAdminServicer(client, keys, state, SystemClock(), authn.admin_digests,
+                                  plane.sync if plane is not None else None), guard.server(server))
     _log_auth(authn)
     try:
         await server.start()
@@ -137,16 +147,27 @@ async def serve(
                      await rest.start(), "plaintext" if public_tls is None else "HTTPS")
         host = settings.listen.rsplit(":", 1)[0]
         metrics_mod.serve(metrics, host, settings.metrics_port)
-        log.info("router listening on %s (port %d, %s), mesh root %s", settings.listen, port,
+        if plane is not None:
+            plane.prepare(port)
+            supervisor.start("envoy", plane.run)
+            supervisor.start("envoy-endpoints", plane.push)
+            supervisor.start("envoy-access-log", plane.tail)
+        log.info("router listening on %s (port %d, %s), mesh root %s",
+                 settings.listen if plane is None else f"{settings.listen} through Envoy", port,
                  _transport(public_tls, internal_tls), keys.root)
         supervisor.start("health", lambda: _serving_once_synced(view, server, drain, stop))
         await process.first_set(stop, drain)
         if not stop.is_set():
+            if plane is not None:  # Envoy GOAWAYs its clients too, then serves on for the settle time
+                await shutdown_step("Envoy drain", envoy.drain_listeners(plane))
             await asyncio.gather(_drain(server, settings, stop), *(
                 [rest.drain(settings.drain_settle_s, settings.drain_grace_s, stop)] if rest is not None else []))
     finally:
         log.info("router stopping")
         await shutdown_step("health NOT_SERVING", server.set_serving(False))
+        if plane is not None:
+            plane.close()
+            await shutdown_step("Envoy stop", plane.stop(), STEP_S)
         # Stopped at once (or the drain's server stop cut short): cancels what is in flight.
         await shutdown_step("gRPC server stop", server.stop(None), STEP_S)
         if rest is not None:

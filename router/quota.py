@@ -77,6 +77,11 @@ class Quotas:
 
     # -- requests -----------------------------------------------------------------------------
 
+    def free(self, tenant: str) -> bool:
+        """Whether `tenant`'s callers have no request quota (rate or in flight) on this router."""
+        spec = self.state.tenants.get(tenant) or self.defaults
+        return not spec.max_requests_per_s and not spec.max_in_flight
+
     def admit(self, principal: Principal) -> _Usage | None:
         """Counts one request of `principal` in; give the result to `done` when it ends.
         Raises Overloaded (RESOURCE_EXHAUSTED + pushback) naming the quota it is over."""

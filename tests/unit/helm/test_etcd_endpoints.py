@@ -18,12 +18,13 @@ from mesh.settings import CommonSettings
 
 pytest.importorskip("helm_sdkpy", reason="scripts/test.sh installs helm-sdkpy (the Helm library)")
 from tests.unit.helm import chart  # noqa: E402
+from tests.unit.helm.test_chart import container_of  # noqa: E402
 
 README = pathlib.Path(__file__).resolve().parents[3] / "README.md"
 
 
 def _rendered_endpoints(rendered: chart.Rendered) -> str:
-    container = rendered.named("Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
+    container = container_of(rendered.named("Deployment", "-router")["spec"]["template"]["spec"], "router")
     (value,) = [e["value"] for e in container["env"] if e["name"] == "MESH_ETCD_ENDPOINTS"]
     return value
 

@@ -12,7 +12,7 @@ from mesh.settings import CommonSettings
 
 pytest.importorskip("helm_sdkpy", reason="scripts/test.sh installs helm-sdkpy (the Helm library)")
 from tests.unit.helm import chart  # noqa: E402
-from tests.unit.helm.test_chart import PROCESSES, env_names, env_of, pod_specs  # noqa: E402
+from tests.unit.helm.test_chart import PROCESSES, container_of, env_names, env_of, pod_specs  # noqa: E402
 
 TLS = {
     "tls": {
@@ -28,10 +28,6 @@ def tls_render() -> chart.Rendered:
     return chart.render(TLS)
 
 
-def _container(spec: dict[str, Any]) -> dict[str, Any]:
-    return spec["containers"][0]
-
-
 def test_secrets_are_mounted_and_wired_to_real_settings(tls_render: chart.Rendered) -> None:
     specs = pod_specs(tls_render)
     secrets = {c: {v["name"]: v["secret"]["secretName"] for v in specs[c]["volumes"] if "secret" in v}
@@ -41,7 +37,7 @@ def test_secrets_are_mounted_and_wired_to_real_settings(tls_render: chart.Render
     assert secrets["placement"] == {"internal-tls": "mesh-internal"}
     assert secrets["runtime"] == {"internal-tls": "runtime-internal"}  # the per-component override
     for component, cls in PROCESSES.items():
-        container = _container(specs[component])
+        container = container_of(specs[component], component)
         env = {k: v.get("value") for k, v in env_of(container).items()}
         assert {n for n in env if n.startswith("MESH_")} <= env_names(cls) | env_names(CommonSettings)
         assert env["MESH_INTERNAL_TLS_CA"] == "/etc/meshserve/internal-tls/ca.crt"
@@ -49,7 +45,7 @@ def test_secrets_are_mounted_and_wired_to_real_settings(tls_render: chart.Render
         assert env["MESH_INTERNAL_TLS_SERVER_NAME"] == "meshserve-internal"
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         assert mounts["internal-tls"]["readOnly"] is True
-    router = {k: v.get("value") for k, v in env_of(_container(specs["router"])).items()}
+    router = {k: v.get("value") for k, v in env_of(container_of(specs["router"], "router")).items()}
     assert router["MESH_ROUTER_TLS_CERT"] == "/etc/meshserve/router-tls/tls.crt"
     assert router["MESH_ROUTER_TLS_CLIENT_AUTH"] == "require"
     assert router["MESH_ROUTER_TLS_CLIENT_CA"] == "/etc/meshserve/router-client-ca/ca.crt"
@@ -59,7 +55,7 @@ def test_probes_use_the_plaintext_health_port_when_the_grpc_port_speaks_tls(tls_
     specs = pod_specs(tls_render)
     ports = tls_render.values["tls"]["healthPorts"]
     for component, cls in PROCESSES.items():
-        container = _container(specs[component])
+        container = container_of(specs[component], component)
         env = env_of(container)
         assert env[f"{cls.model_config['env_prefix']}HEALTH_PORT"]["value"] == str(ports[component])
         assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == ports[component]
@@ -70,7 +66,7 @@ def test_probes_use_the_plaintext_health_port_when_the_grpc_port_speaks_tls(tls_
 def test_no_tls_values_render_plaintext() -> None:
     specs = pod_specs(chart.render())
     for component in PROCESSES:
-        env = env_of(_container(specs[component]))
+        env = env_of(container_of(specs[component], component))
         assert not [n for n in env if "TLS" in n or n.endswith("HEALTH_PORT")], component
 
 

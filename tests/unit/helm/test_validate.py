@@ -1,7 +1,8 @@
-"""Every manifest the chart renders (default values, the GPU values, and with the dashboard and
-either autoscaler on) is valid against the Kubernetes API schema (kubernetes-validate, which
-ships the schemas: offline). Resources of CRDs it has no schema for (KEDA's ScaledObject,
-prometheus-operator's ServiceMonitor) are checked field by field against their documented spec.
+"""Every manifest the chart renders (default values, the GPU values, with the dashboard and
+either autoscaler on, and without the router's Envoy sidecar, which the others have) is valid
+against the Kubernetes API schema (kubernetes-validate, which ships the schemas: offline).
+Resources of CRDs it has no schema for (KEDA's ScaledObject, prometheus-operator's
+ServiceMonitor) are checked field by field against their documented spec.
 
 The dashboard: every PromQL query in it names only metrics the mesh exports (the names come
 from mesh/metrics.py's registry, not a hand list)."""
@@ -24,6 +25,7 @@ K8S_VERSION = "1.30.0"
 CRDS = {"ScaledObject", "ServiceMonitor"}
 GPU_VALUES = "gpu-external-etcd-values.yaml"
 ON = {"metrics": {"grafanaDashboard": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+NO_ENVOY = {"router": {"envoy": {"enabled": False}}}
 
 
 def _autoscaling(kind: str) -> dict[str, Any]:
@@ -42,10 +44,17 @@ def variants(default: chart.Rendered) -> dict[str, chart.Rendered]:
         "gpu": chart.render(default.ci_values[GPU_VALUES]),
         "keda": chart.render(_autoscaling("keda")),
         "hpa": chart.render(chart.merge(default.ci_values[GPU_VALUES], _autoscaling("hpa"))),
+        "no-envoy": chart.render(NO_ENVOY),  # the router pod without its Envoy sidecar
     }
 
 
+def _has_sidecar(rendered: chart.Rendered) -> bool:
+    (router,) = [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"].endswith("-router")]
+    return "envoy" in {c["name"] for c in router["spec"]["template"]["spec"]["containers"]}
+
+
 def test_every_manifest_is_valid_against_the_kubernetes_schema(variants):
+    assert {_has_sidecar(r) for r in variants.values()} == {True, False}  # the router pod both ways
     checked = 0
     for name, rendered in variants.items():
         for manifest in rendered.manifests:
@@ -57,7 +66,7 @@ def test_every_manifest_is_valid_against_the_kubernetes_schema(variants):
                 pytest.fail(f"{name}: {manifest['kind']} {manifest['metadata']['name']}: {exc.message} at "
                             f"{'.'.join(map(str, exc.path))}")
             checked += 1
-    assert checked > 30  # all four renders, not an empty list
+    assert checked > 35  # all five renders, not an empty list
 
 
 def test_the_validator_rejects_a_broken_manifest(default):

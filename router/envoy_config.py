@@ -1,0 +1,253 @@
+"""What the router tells Envoy (router/envoy.py runs it): its bootstrap, endpoints and routes.
+
+Pure: no process, no I/O. Envoy, when on, listens on the router's public port and sends a
+ModelInfer for a model with a ready copy straight to a pod holding it; everything else goes
+to the Python router, which listens on an internal port and stays the control plane.
+
+How a request finds its pod, without per-model routes or clusters:
+
+- a Lua filter (`LUA`) reads the model id: ModelInferRequest.model_name (field 1, the last
+  occurrence wins as in protobuf) walked from the buffered gRPC message, tensor payloads
+  skipped by length; it names the model in dynamic metadata `envoy.lb: {models: <id>}`, which
+  Envoy's router merges into the route's subset match. It names none (so the request goes to
+  Python) for anything Python must decide: `mm-vmodel-id`, an `mm-model-id` other than
+  model_name, a caller Envoy may not admit (below), a model_version other than "" / "1", a
+  compressed or malformed message, an id no registered model can have;
+- callers: anonymous ones where the router admits them, and bearer tokens whose sha256 the
+  routes file lists (`routes`: default-tenant and admin tokens valid now). The filter hashes
+  the token (sha256 in Lua, cached per worker) and swaps `authorization` for
+  `x-mesh-token-sha256: <digest>`, so the token never reaches a pod; the Python router, behind
+  Envoy on a loopback port, takes that digest as the caller's credential (router/auth.py). Every
+  other caller (another tenant's token, an unknown or revoked one, a certificate) is Python's;
+- one cluster `mesh` with subset load balancing: each pod is an endpoint at priority 0 whose
+  metadata lists the models it holds ready (`list_as_any`), so the subset of a model is its
+  ready copies (least-request among them); the Python router is an endpoint at priority 1
+  listing every routed model, and the default subset (`role: router`) for any id no pod lists
+  (misses, unknown models, aliases);
+- a pod answering UNAVAILABLE ("not loaded on this pod": a stale route, a pod stopping), a
+  reset or a refused connection is retried once on the next priority (Envoy's
+  previous_priorities), i.e. through Python, whose miss path loads it or retries elsewhere;
+- every other RPC (health, metadata, registration, streams, the Triton extensions) is routed
+  to the Python router unchanged.
+
+Only the models whose request Python would forward unchanged are listed (`direct_ids`): the
+default tenant's, with one version, while that tenant has no request quota. Deadlines pass
+through (`grpc-timeout` is honoured and forwarded); a request without one gets no Envoy
+timeout (the pod's own limits apply).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from router.envoy_lua import LUA
+
+ENVOY_LB = "envoy.lb"
+MODELS_KEY = "models"
+ROLE_KEY = "role"
+ROUTER_ROLE = "router"
+MESH_CLUSTER = "mesh"
+ROUTER_CLUSTER = "router"
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+EDS_FILE = "eds.json"
+RDS_FILE = "rds.json"
+ROUTE_CONFIG = "mesh"
+LUA_FILTER = "envoy.filters.http.lua"
+ACCESS_LOG = "access.log"
+# One access-log line per ModelInfer Envoy handled: model (or "-"), upstream host, gRPC status, ms.
+ACCESS_FORMAT = "%DYNAMIC_METADATA(envoy.lb:models)% %UPSTREAM_HOST% %GRPC_STATUS(NUMBER)% %DURATION%\n"
+_BIG = 1_000_000  # circuit-breaker thresholds: the pods and the Python router shed, not Envoy
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Addr:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> Addr:
+        host, _, port = address.rpartition(":")
+        return cls(host.strip("[]") or "127.0.0.1", int(port))
+
+    def socket(self) -> dict[str, Any]:
+        return {"socket_address": {"address": self.host, "port_value": self.port}}
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _http2(stream_window: int) -> dict[str, Any]:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {
+            "initial_stream_window_size": stream_window, "initial_connection_window_size": stream_window,
+            # a frozen pod's connection is closed within ~2 s (its requests retried through Python)
+            "connection_keepalive": {"interval": "1s", "timeout": "1s"},
+        }},
+    }}
+
+
+def _breakers() -> dict[str, Any]:
+    return {"thresholds": [{"priority": "DEFAULT", "max_connections": _BIG, "max_pending_requests": _BIG,
+                            "max_requests": _BIG, "max_retries": _BIG}]}
+
+
+def _timeouts() -> dict[str, Any]:
+    # no route timeout; the caller's grpc-timeout, uncapped, is the deadline (and is forwarded)
+    return {"timeout": "0s", "max_stream_duration": {"grpc_timeout_header_max": "0s"}}
+
+
+def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: int) -> dict[str, Any]:
+    """Envoy's static configuration; the `mesh` cluster's endpoints (`<config_dir>/eds.json`)
+    and the routes (`rds.json`, for the tokens they list) change, written by router/envoy.py
+    and watched by Envoy."""
+    buffer = max_message_bytes + 64 * 1024  # one whole request is buffered (Lua, retries)
+    window = max(65_535, min(max_message_bytes, 16 * 1024 * 1024))
+    access_log = {"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": f"{config_dir}/{ACCESS_LOG}", "log_format": {"text_format_source": {"inline_string": ACCESS_FORMAT}},
+    }, "filter": {"header_filter": {"header": {"name": ":path", "string_match": {"exact": INFER_PATH}}}}}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                 ".HttpConnectionManager",
+        "stat_prefix": "mesh", "codec_type": "AUTO", "generate_request_id": False,
+        "server_header_transformation": "PASS_THROUGH",
+        "stream_idle_timeout": "3600s",  # ModelStreamInfer streams may sit idle (Python's have no limit)
+        "http2_protocol_options": {"max_concurrent_streams": 1250, "initial_stream_window_size": window,
+                                   "initial_connection_window_size": window},
+        "access_log": [access_log],  # ModelInfer only: router/envoy.py reads it back (metrics, usage)
+        "rds": {"route_config_name": ROUTE_CONFIG, "config_source": {"resource_api_version": "V3", "path_config_source": {
+            "path": f"{config_dir}/{RDS_FILE}", "watched_directory": {"path": config_dir}}}},
+        "http_filters": [
+            {"name": LUA_FILTER, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": LUA}}},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                "suppress_envoy_headers": True}},
+        ],
+    }
+    eds_path = f"{config_dir}/{EDS_FILE}"
+    return {
+        "node": {"id": "meshserve-router", "cluster": "meshserve"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "public", "address": public.socket(),
+                "per_connection_buffer_limit_bytes": buffer,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": [
+                {"name": ROUTER_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+                 "per_connection_buffer_limit_bytes": buffer, "circuit_breakers": _breakers(),
+                 "typed_extension_protocol_options": _http2(window),
+                 "load_assignment": {"cluster_name": ROUTER_CLUSTER, "endpoints": [
+                     {"lb_endpoints": [{"endpoint": {"address": router.socket()}}]}]}},
+                {"name": MESH_CLUSTER, "type": "EDS", "connect_timeout": "1s", "lb_policy": "LEAST_REQUEST",
+                 "per_connection_buffer_limit_bytes": buffer, "circuit_breakers": _breakers(),
+                 "typed_extension_protocol_options": _http2(window),
+                 "eds_cluster_config": {"eds_config": {"resource_api_version": "V3", "path_config_source": {
+                     "path": eds_path, "watched_directory": {"path": config_dir}}}},
+                 "lb_subset_config": {
+                     "fallback_policy": "DEFAULT_SUBSET",
+                     "default_subset": {ROLE_KEY: ROUTER_ROLE},
+                     "subset_selectors": [{"keys": [MODELS_KEY]}],
+                     "list_as_any": True,
+                 },
+                 # pods that stop answering at all (refused, reset, timed out) are left out a while;
+                 # a pod's own statuses (UNAVAILABLE "not loaded here" included) never eject it
+                 "outlier_detection": {
+                     "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 3,
+                     "enforcing_consecutive_local_origin_failure": 100, "enforcing_consecutive_5xx": 0,
+                     "enforcing_consecutive_gateway_failure": 0, "enforcing_success_rate": 0,
+                     "enforcing_local_origin_success_rate": 0, "interval": "1s", "base_ejection_time": "5s",
+                     "max_ejection_percent": 100}},
+            ],
+        },
+    }
+
+
+def routes(digests: Iterable[str], anonymous: bool) -> dict[str, Any]:
+    """The route configuration as an xDS file (rds.json): ModelInfer to the `mesh` cluster,
+    everything else to Python. The ModelInfer route's metadata tells the Lua filter who may
+    take the direct path: anonymous callers (when the router admits them) and the bearer
+    tokens whose sha256 `digests` are listed (key "t<digest>")."""
+    retry = {
+        "retry_on": "unavailable,cancelled,reset,connect-failure,refused-stream",
+        "num_retries": 1,
+        "retry_priority": {"name": "envoy.retry_priorities.previous_priorities", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3"
+                     ".PreviousPrioritiesConfig", "update_frequency": 1}},
+    }
+    allowed: dict[str, Any] = {"anonymous": anonymous, **{f"t{d}": True for d in sorted(digests)}}
+    config = {
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": [
+            {"match": {"path": INFER_PATH, "grpc": {}},
+             "route": {"cluster": MESH_CLUSTER, **_timeouts(), "retry_policy": retry},
+             "metadata": {"filter_metadata": {LUA_FILTER: allowed}}},
+            {"match": {"prefix": "/"}, "route": {"cluster": ROUTER_CLUSTER, **_timeouts()}},
+        ]}],
+    }
+    return {"resources": [config]}
+
+
+def direct_ids(ready: Iterable[str], models: Mapping[str, Any], held: Any, quota_free: bool) -> set[str]:
+    """The routed models whose ModelInfer Envoy may send straight to a pod: Python would forward
+    it unchanged (the default tenant's id, the model's only version) and no quota applies.
+    `held(base)` is router/versions.Index.held."""
+    if not quota_free:
+        return set()
+    out = set()
+    for model_id in ready:
+        if ":" in model_id or "@" in model_id:
+            continue
+        spec = models.get(model_id)
+        if spec is None or spec.tenant or len(held(model_id)) != 1:
+            continue
+        out.add(model_id)
+    return out
+
+
+def endpoints(copies: Mapping[str, Iterable[str]], router: Addr, direct: set[str],
+              resolve: Any = None) -> dict[str, Any]:
+    """The `mesh` cluster's ClusterLoadAssignment as an xDS file: `copies` maps each model id
+    to the pod addresses of its ready copies; only `direct` ids are listed. `resolve(host)`
+    gives a pod host's IP (EDS takes addresses only); hosts it cannot resolve are left out."""
+    by_pod: dict[str, list[str]] = {}
+    for model_id, addresses in copies.items():
+        if model_id not in direct:
+            continue
+        for address in addresses:
+            by_pod.setdefault(address, []).append(model_id)
+    pods = []
+    for address in sorted(by_pod):
+        addr = Addr.parse(address)
+        host = addr.host if is_ip(addr.host) or resolve is None else resolve(addr.host)
+        if host is None:
+            continue
+        pods.append({"endpoint": {"address": Addr(host, addr.port).socket()},
+                     "metadata": {"filter_metadata": {ENVOY_LB: {MODELS_KEY: sorted(by_pod[address])}}}})
+    python = {"endpoint": {"address": router.socket()},
+              "metadata": {"filter_metadata": {ENVOY_LB: {ROLE_KEY: ROUTER_ROLE, MODELS_KEY: sorted(direct)}}}}
+    groups = ([{"priority": 0, "lb_endpoints": pods}] if pods else []) + [
+        {"priority": 1 if pods else 0, "lb_endpoints": [python]}]
+    # Priorities must be contiguous from 0: with no pod listed the router is priority 0.
+    assignment = {"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                  "cluster_name": MESH_CLUSTER, "endpoints": groups}
+    return {"resources": [assignment]}

@@ -1,0 +1,165 @@
+"""router/envoy_config.py: which models Envoy may send straight to a pod, the endpoints file,
+and the parts of the bootstrap the router's promises rest on. Envoy itself validates the
+bootstrap when its binary is here (`envoy --mode validate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from router import envoy
+from router import envoy_config as ec
+
+ROUTER = ec.Addr("127.0.0.1", 9000)
+
+
+@dataclasses.dataclass
+class Spec:
+    tenant: str = ""
+
+
+def _held(versions: dict[str, int]):  # noqa: ANN202
+    return lambda base: {v: base for v in range(1, versions.get(base, 1) + 1)}
+
+
+def test_only_what_python_would_forward_unchanged_is_direct() -> None:
+    models = {"a": Spec(), "b": Spec(), "acme:c": Spec("acme"), "old": Spec("acme"), "v": Spec(), "v@2": Spec()}
+    ready = ["a", "b", "acme:c", "old", "v", "v@2", "gone"]
+    direct = ec.direct_ids(ready, models, _held({"v": 2}), quota_free=True)
+    # a tenant's models (namespaced or from before namespacing), versioned ones, unregistered ones: Python
+    assert direct == {"a", "b"}
+    assert ec.direct_ids(ready, models, _held({}), quota_free=False) == set()  # a quota: Python counts
+
+
+def _groups(doc: dict) -> list[dict]:
+    return doc["resources"][0]["endpoints"]
+
+
+def test_endpoints_list_each_pods_ready_models_and_python_last() -> None:
+    copies = {"a": ["10.0.0.1:8085", "10.0.0.2:8085"], "b": ["10.0.0.2:8085"], "t:c": ["10.0.0.1:8085"]}
+    doc = ec.endpoints(copies, ROUTER, {"a", "b"})
+    pods, python = _groups(doc)
+    assert pods["priority"] == 0 and python["priority"] == 1
+    listed = {e["endpoint"]["address"]["socket_address"]["address"]:
+              e["metadata"]["filter_metadata"]["envoy.lb"]["models"] for e in pods["lb_endpoints"]}
+    assert listed == {"10.0.0.1": ["a"], "10.0.0.2": ["a", "b"]}  # t:c is not direct
+    meta = python["lb_endpoints"][0]["metadata"]["filter_metadata"]["envoy.lb"]
+    assert meta == {"role": "router", "models": ["a", "b"]}  # the fallback for a copy that fails
+    assert python["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == 9000
+
+
+def test_with_no_pod_listed_python_is_priority_0() -> None:
+    (only,) = _groups(ec.endpoints({}, ROUTER, set()))
+    assert only["priority"] == 0  # priorities must start at 0
+
+
+def test_pod_host_names_are_resolved_and_unresolvable_ones_left_to_python() -> None:
+    copies = {"a": ["pod-0.mesh:8085", "pod-1.mesh:8085"]}
+    doc = ec.endpoints(copies, ROUTER, {"a"}, lambda host: "10.1.1.1" if host == "pod-0.mesh" else None)
+    pods, _ = _groups(doc)
+    assert [e["endpoint"]["address"]["socket_address"] for e in pods["lb_endpoints"]] == [
+        {"address": "10.1.1.1", "port_value": 8085}]
+
+
+def test_ipv6_addresses() -> None:
+    addr = ec.Addr.parse("[::1]:8033")
+    assert addr == ec.Addr("::1", 8033) and str(addr) == "[::1]:8033"
+
+
+def _route(doc: dict, path: str) -> dict:
+    routes = doc["resources"][0]["virtual_hosts"][0]["routes"]
+    return next(r for r in routes if r["match"].get("path") == path or r["match"].get("prefix") == path)
+
+
+def test_routes_list_who_may_take_the_direct_path() -> None:
+    meta = _route(ec.routes(["ab" * 32], anonymous=False), ec.INFER_PATH)["metadata"]["filter_metadata"]
+    assert meta[ec.LUA_FILTER] == {"anonymous": False, "t" + "ab" * 32: True}
+    meta = _route(ec.routes([], anonymous=True), ec.INFER_PATH)["metadata"]["filter_metadata"]
+    assert meta[ec.LUA_FILTER] == {"anonymous": True}
+
+
+def test_bootstrap_keeps_the_routers_promises() -> None:
+    boot = ec.bootstrap(ec.Addr("0.0.0.0", 8033), ROUTER, "/cfg", 16 << 20)
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["rds"]["config_source"]["path_config_source"]["path"] == "/cfg/rds.json"
+    doc = ec.routes([], anonymous=True)
+    infer, rest = _route(doc, ec.INFER_PATH), _route(doc, "/")
+    for route in (infer, rest):
+        # no Envoy timeout of its own: the caller's grpc-timeout, uncapped, is the deadline
+        assert route["route"]["timeout"] == "0s"
+        assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    assert infer["route"]["cluster"] == ec.MESH_CLUSTER and rest["route"]["cluster"] == ec.ROUTER_CLUSTER
+    retry = infer["route"]["retry_policy"]
+    assert "unavailable" in retry["retry_on"] and "connect-failure" in retry["retry_on"]
+    assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"  # i.e. Python
+    mesh = next(c for c in boot["static_resources"]["clusters"] if c["name"] == ec.MESH_CLUSTER)
+    subset = mesh["lb_subset_config"]
+    assert subset["fallback_policy"] == "DEFAULT_SUBSET" and subset["default_subset"] == {"role": "router"}
+    assert subset["list_as_any"] and mesh["lb_policy"] == "LEAST_REQUEST"
+    assert mesh["eds_cluster_config"]["eds_config"]["path_config_source"]["path"] == "/cfg/eds.json"
+    listener = boot["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] > 16 << 20  # a whole request fits
+    assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+@pytest.mark.skipif(envoy.find_binary("") is None, reason="no Envoy binary")
+def test_envoy_accepts_the_bootstrap_and_the_endpoints(tmp_path: pathlib.Path) -> None:
+    boot = ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, str(tmp_path), 16 << 20)
+    (tmp_path / "bootstrap.json").write_text(json.dumps(boot))
+    (tmp_path / ec.EDS_FILE).write_text(json.dumps(ec.endpoints({"a": ["127.0.0.1:1"]}, ROUTER, {"a"})))
+    (tmp_path / ec.RDS_FILE).write_text(json.dumps(ec.routes(["ab" * 32], anonymous=False)))
+    binary = envoy.find_binary("")
+    assert binary is not None
+    done = subprocess.run([binary, "--mode", "validate", "-c", str(tmp_path / "bootstrap.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def _settings(**kw: object):  # noqa: ANN202
+    from mesh.settings import RouterSettings
+
+    return RouterSettings(**kw)  # type: ignore[arg-type]
+
+
+def test_when_envoy_runs() -> None:
+    assert envoy.wanted(_settings(envoy="off", allow_anonymous=True), False, False)[0] is None
+    binary = envoy.find_binary("")
+    if binary is not None:
+        assert envoy.wanted(_settings(), False, False)[0] == binary  # tokens or not
+        assert envoy.wanted(_settings(envoy="on"), False, False)[0] == binary
+    # auto stays off where it cannot help or cannot run, and says why
+    off, why = envoy.wanted(_settings(allow_anonymous=True), True, False)
+    assert off is None and "TLS" in why
+    off, why = envoy.wanted(_settings(envoy_bin="/nonexistent/envoy"), False, False)
+    assert off is None and "binary" in why
+    with pytest.raises(ValueError, match="cannot run"):
+        envoy.wanted(_settings(envoy="on", envoy_bin="/nonexistent/envoy"), False, False)
+    with pytest.raises(ValueError, match="CONFIG_DIR"):
+        envoy.wanted(_settings(envoy="external"), False, False)
+    assert envoy.wanted(_settings(envoy="external", envoy_config_dir="/cfg"), False, False)[0] == envoy.EXTERNAL
+
+
+def test_the_token_digest_envoy_passes_on_is_trusted_only_behind_envoy() -> None:
+    from types import SimpleNamespace
+
+    from mesh.credentials import digest
+    from mesh.errors import Unauthenticated
+    from mesh.types import TokenRecord
+    from router import auth
+
+    tokens = {digest("secret"): TokenRecord(tenant="", scope="infer", name="u")}
+    context = SimpleNamespace(invocation_metadata=lambda: ((auth.DIGEST_KEY, digest("secret")),),
+                              auth_context=lambda: {})
+    authn = auth.Authenticator(tokens)
+    with pytest.raises(Unauthenticated):  # a caller's own header, on a router without Envoy
+        authn.resolve(context)  # type: ignore[arg-type]
+    authn.trust_digest = True
+    assert authn.resolve(context).name == "u"  # type: ignore[arg-type]
+    context = SimpleNamespace(invocation_metadata=lambda: ((auth.DIGEST_KEY, digest("other")),),
+                              auth_context=lambda: {})
+    with pytest.raises(Unauthenticated):
+        authn.resolve(context)  # type: ignore[arg-type]
