@@ -60,6 +60,7 @@ ACCESS_LOG = "access.log"
 # One access-log line per ModelInfer Envoy handled: model (or "-"), upstream host, gRPC status, ms.
 ACCESS_FORMAT = "%DYNAMIC_METADATA(envoy.lb:models)% %UPSTREAM_HOST% %GRPC_STATUS(NUMBER)% %DURATION%\n"
 _BIG = 1_000_000  # circuit-breaker thresholds: the pods and the Python router shed, not Envoy
+MAX_CONNECTIONS = 50_000  # client connections Envoy accepts at once
 
 
 
@@ -144,6 +145,14 @@ def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: in
     return {
         "node": {"id": "meshserve-router", "cluster": "meshserve"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        # a bound on client connections (Envoy warns without one); the Python router's limits
+        # on RPCs in flight stay where they were, behind it and on the pods
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3"
+                         ".DownstreamConnectionsConfig",
+                "max_active_downstream_connections": MAX_CONNECTIONS}}]},
         "static_resources": {
             "listeners": [{
                 "name": "public", "address": public.socket(),
