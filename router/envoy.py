@@ -51,7 +51,7 @@ from typing import Any
 import grpc
 
 from mesh.kv import keys as k
-from mesh.metrics import Metrics, bind_model
+from mesh.metrics import Metrics
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
 from router import auth
@@ -223,36 +223,22 @@ class DataPlane:
     async def sync(self) -> None:
         """Writes the routes now and waits (at most SYNC_S) until Envoy applied them: a token
         revoked through this router is refused by its Envoy too when RevokeToken answers."""
-        url = self.admin_url()
-        before = await self._routes_applied(url) if url else None
-        if not self._write(ec.RDS_FILE, ec.routes(self._direct_tokens(), self.settings.allow_anonymous)):
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SYNC_S
-        while before is not None and loop.time() < deadline:
-            now = await self._routes_applied(url)
-            if now is not None and now > before:
-                return
-            await asyncio.sleep(0.005)
-        log.warning("Envoy did not confirm the new routes within %.1fs (revoked tokens may work through it "
-                    "a moment longer)", SYNC_S)
-
-    async def _routes_applied(self, url: str | None) -> int | None:
-        """Envoy's count of route-file updates applied (admin stats), None when unreadable."""
         import httpx
 
-        if url is None:
-            return None
-        try:
-            async with httpx.AsyncClient(timeout=1.0) as client:
-                text = (await client.get(f"{url}/stats", params={"filter": RDS_STAT})).text
-        except httpx.HTTPError:
-            return None
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if name == RDS_STAT and value.strip().isdigit():
-                return int(value)
-        return None
+        url = self.admin_url()
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            before = await _routes_applied(client, url)
+            if not self._write(ec.RDS_FILE, ec.routes(self._direct_tokens(), self.settings.allow_anonymous)):
+                return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SYNC_S
+            while before is not None and loop.time() < deadline:
+                now = await _routes_applied(client, url)
+                if now is not None and now > before:
+                    return
+                await asyncio.sleep(0.005)
+        log.warning("Envoy did not confirm the new routes within %.1fs (revoked tokens may work through it "
+                    "a moment longer)", SYNC_S)
 
     async def push(self) -> None:
         """Keeps eds.json and rds.json current (run under the Supervisor)."""
@@ -374,9 +360,25 @@ class DataPlane:
             m.requests.labels(m.service, "ModelInfer", code).inc()
             m.request_seconds.labels(m.service, "ModelInfer").observe(seconds)
             m.cache_hits.labels(m.service).inc()
-            bind_model(model)
             m.bind(model)
             m.request_done("ModelInfer", code, seconds)
+
+
+async def _routes_applied(client: Any, url: str | None) -> int | None:
+    """Envoy's count of route-file updates applied (admin stats), None when unreadable."""
+    import httpx
+
+    if url is None:
+        return None
+    try:
+        text = (await client.get(f"{url}/stats", params={"filter": RDS_STAT})).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name == RDS_STAT and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 async def drain_listeners(plane: DataPlane) -> None:

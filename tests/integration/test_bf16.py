@@ -12,17 +12,17 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 import tritonclient.http as triton_http
-from onnx import TensorProto, helper
+from onnx import TensorProto
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bf16_tensor, serialize_bf16_tensor
 
 from mesh import demo
 from mesh.cli.local import LocalMesh
+from tests.unit.puller.test_bf16 import add_model
 
 from .conftest import start_mesh
 
@@ -37,25 +37,6 @@ B = np.array([[0.5, 0.25, -1.0, 8.0], [-0.0, 2.5, -3.0, 1.75]], np.float32)
 def bf16_bytes(values: np.ndarray) -> bytes:
     """The raw V2 bytes of exactly-representable values: each float32's top half, little-endian."""
     return (np.ascontiguousarray(values, "<f4").view("<u4") >> 16).astype("<u2").tobytes()
-
-
-def add_model() -> onnx.ModelProto:
-    """y = a + b in BF16 (through float: onnxruntime's CPU Add has no bfloat16 kernel), f the
-    float sum as an FP32 output beside it."""
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["a"], ["af"], to=TensorProto.FLOAT),
-         helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
-         helper.make_node("Add", ["af", "bf"], ["f"]),
-         helper.make_node("Cast", ["f"], ["y"], to=TensorProto.BFLOAT16)],
-        "bf16_add",
-        [vi("a", TensorProto.BFLOAT16, ["batch", 4]), vi("b", TensorProto.BFLOAT16, ["batch", 4])],
-        [vi("y", TensorProto.BFLOAT16, ["batch", 4]), vi("f", TensorProto.FLOAT, ["batch", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", demo.OPSET)])
-    model.ir_version = demo.IR_VERSION
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.fixture(scope="module")

