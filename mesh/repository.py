@@ -5,9 +5,10 @@ A repository is a folder (or an s3 prefix) of models, each `<name>/config.pbtxt`
 `<name>/<version>/model.onnx` (plus any external-data files beside it), as
 `tritonserver --model-repository` reads it. `scan` turns it into one registration per model:
 
-- the version: the newest the config's version_policy selects (latest N: the newest; all: the
-  newest; specific: the newest listed that exists). Registration holds one version per model id
-  today, so the others are named in a warning;
+- the versions: every one the config's version_policy selects (latest N: the newest N, the
+  default N = 1; all; specific: those listed that exist), each registered as that version of the
+  model (`mesh register --version N`, router/versions.py), so a V2 request's model_version picks
+  one and "" the highest, as in Triton; a listed version that does not exist is a warning;
 - the artifact: the version folder (file:///repo/name/3/ or s3://bucket/prefix/name/3/) when it
   holds more than model.onnx, else its model.onnx;
 - max_batch_size and dynamic_batching.max_queue_delay_microseconds: the spec's dynamic
@@ -16,7 +17,8 @@ A repository is a folder (or an s3 prefix) of models, each `<name>/config.pbtxt`
   placement keeps of the model across the mesh (copies are loaded on demand, never pinned);
 - labels `repository` (the repository's URI) and `repository-digest` (of every file's path,
   size and modification time or ETag), so a changed file changes the spec (an update reloads
-  it) and the poll knows which registered models came from this repository.
+  it) and the poll knows which registered models came from this repository (a version the
+  policy no longer selects is unregistered by the poll, as Triton unloads it).
 
 Every other config field is ignored, with one warning per model naming them. config.pbtxt is
 parsed with protobuf's text format into Triton's ModelConfig (mesh/pb/inference/model_config.proto).
@@ -73,8 +75,9 @@ class RepositoryError(Exception):
 
 
 def scan(location: str, s3_client: Any = None) -> list[Found]:
-    """Every model of the repository at `location` (a folder path, file:// URI or s3://bucket/prefix),
-    ordered by name. `s3_client`: a boto3 S3 client (default: one from the environment)."""
+    """Every model version of the repository at `location` (a folder path, file:// URI or
+    s3://bucket/prefix), ordered by name, then version (a model that cannot be registered: one
+    Found with its error). `s3_client`: a boto3 S3 client (default: one from the environment)."""
     base, entries = list_repository(location, s3_client)
     return models_of(base, entries, lambda path: _read(location, base, path, s3_client))
 
@@ -175,78 +178,81 @@ def _read(location: str, base: str, path: str, s3_client: Any) -> str:
 
 
 def models_of(base: str, entries: Iterable[Entry], read: Any) -> list[Found]:
-    """The models of a listed repository (`read(path)` returns a config.pbtxt's text)."""
+    """The model versions of a listed repository (`read(path)` returns a config.pbtxt's text)."""
     by_model: dict[str, list[Entry]] = {}
     for e in entries:
         name, sep, rest = e.path.partition("/")
         if sep:
             by_model.setdefault(name, []).append(dataclasses.replace(e, path=rest))
-    return [_model(base, name, files, read) for name, files in sorted(by_model.items())]
+    return [found for name, files in sorted(by_model.items()) for found in _model(base, name, files, read)]
 
 
-def _model(base: str, name: str, files: list[Entry], read: Any) -> Found:
+def _model(base: str, name: str, files: list[Entry], read: Any) -> list[Found]:
+    """One Found per version the policy selects (the model's warnings on the first), or one
+    with the reason the model cannot be registered."""
     if not _NAME.fullmatch(name):
-        return Found(name, None, error="the folder name is not a valid model id (A-Z a-z 0-9 . _ -)")
+        return [Found(name, None, error="the folder name is not a valid model id (A-Z a-z 0-9 . _ -)")]
     warnings: list[str] = []
     config = None
     if any(f.path == CONFIG for f in files):
         try:
             config, unknown = parse_config(read(f"{name}/{CONFIG}"))
         except Exception as exc:  # a text-format or decoding error: this model only
-            return Found(name, None, error=f"config.pbtxt does not parse: {str(exc)[:200]}")
+            return [Found(name, None, error=f"config.pbtxt does not parse: {str(exc)[:200]}")]
         if unknown:
             warnings.append("config.pbtxt fields ignored (not used by meshserve): " + ", ".join(unknown))
         if config.name and config.name != name:
             warnings.append(f"config.pbtxt names the model {config.name!r}; the folder name {name!r} is used")
         if (config.platform or config.backend) not in _ONNX:
-            return Found(name, None, error=f"platform/backend {config.platform or config.backend!r} is not "
-                                           "ONNX; meshserve serves onnxruntime_onnx models only")
+            return [Found(name, None, error=f"platform/backend {config.platform or config.backend!r} is not "
+                                            "ONNX; meshserve serves onnxruntime_onnx models only")]
         if config.default_model_filename not in ("", ARTIFACT):
-            return Found(name, None, error=f"default_model_filename {config.default_model_filename!r}: "
-                                           f"meshserve loads {ARTIFACT} only")
+            return [Found(name, None, error=f"default_model_filename {config.default_model_filename!r}: "
+                                            f"meshserve loads {ARTIFACT} only")]
     versions = sorted({int(f.path.split("/", 1)[0]) for f in files
                        if "/" in f.path and f.path.split("/", 1)[0].isdigit() and f.path.split("/", 1)[1] == ARTIFACT})
     if not versions:
-        return Found(name, None, error=f"no <version>/{ARTIFACT} (e.g. {name}/1/{ARTIFACT})")
-    chosen, note = _version(config, versions)
-    if chosen is None:
-        return Found(name, None, error=note)
+        return [Found(name, None, error=f"no <version>/{ARTIFACT} (e.g. {name}/1/{ARTIFACT})")]
+    selected, note = _versions(config, versions)
+    if not selected:
+        return [Found(name, None, error=note)]
     if note:
         warnings.append(note)
-    folder = [f for f in files if f.path.startswith(f"{chosen}/")]
-    multi = any(f.path != f"{chosen}/{ARTIFACT}" for f in folder)
-    uri = f"{base}{name}/{chosen}/" if multi else f"{base}{name}/{chosen}/{ARTIFACT}"
-    digest = hashlib.sha256("\n".join(f"{f.path} {f.size} {f.mark}" for f in sorted(
-        [*folder, *(f for f in files if f.path == CONFIG)], key=lambda f: f.path)).encode()).hexdigest()[:32]
     batch = delay = copies = 0
     if config is not None:
         if config.HasField("dynamic_batching") and config.max_batch_size > 1:
             batch = config.max_batch_size
             delay = min(config.dynamic_batching.max_queue_delay_microseconds, 1_000_000)
         copies = min(sum(max(g.count, 1) for g in config.instance_group), 64)
-    spec = ModelSpec(model_id=name, storage_uri=uri, max_batch_size=batch, max_queue_delay_us=delay,
-                     max_copies=copies,
-                     labels={LABEL: base.rstrip("/")[-256:], DIGEST_LABEL: digest, VERSION_LABEL: str(chosen)})
-    return Found(name, spec, chosen, tuple(warnings))
+    found: list[Found] = []
+    for version in selected:
+        folder = [f for f in files if f.path.startswith(f"{version}/")]
+        multi = any(f.path != f"{version}/{ARTIFACT}" for f in folder)
+        uri = f"{base}{name}/{version}/" if multi else f"{base}{name}/{version}/{ARTIFACT}"
+        digest = hashlib.sha256("\n".join(f"{f.path} {f.size} {f.mark}" for f in sorted(
+            [*folder, *(f for f in files if f.path == CONFIG)], key=lambda f: f.path)).encode()).hexdigest()[:32]
+        spec = ModelSpec(model_id=name, storage_uri=uri, version=str(version), max_batch_size=batch,
+                         max_queue_delay_us=delay, max_copies=copies,
+                         labels={LABEL: base.rstrip("/")[-256:], DIGEST_LABEL: digest, VERSION_LABEL: str(version)})
+        found.append(Found(name, spec, version, tuple(warnings) if not found else ()))
+    return found
 
 
-def _version(config: Any, versions: list[int]) -> tuple[int | None, str]:
-    """(the version to register, a note on the versions the policy selects but are ignored)."""
+def _versions(config: Any, versions: list[int]) -> tuple[list[int], str]:
+    """(the versions the config's version_policy selects among those present, ascending; a note
+    on listed versions that are missing, or why none is selected)."""
     policy = config.version_policy.WhichOneof("policy_choice") if config is not None else None
     if policy == "all":
-        selected = versions
-    elif policy == "specific":
-        selected = sorted(v for v in config.version_policy.specific.versions if v in versions)
+        return versions, ""
+    if policy == "specific":
+        listed = sorted(set(config.version_policy.specific.versions))
+        selected = [v for v in listed if v in versions]
+        missing = [v for v in listed if v not in versions]
         if not selected:
-            return None, f"version_policy specific {list(config.version_policy.specific.versions)}: none of them exists"
-    else:
-        n = max(config.version_policy.latest.num_versions, 1) if policy == "latest" else 1
-        selected = versions[-n:]
-    chosen = selected[-1]
-    ignored = [v for v in selected if v != chosen]
-    note = (f"version {chosen} is registered; versions {ignored} the version_policy also selects are "
-            "ignored (one version per model id for now)") if ignored else ""
-    return chosen, note
+            return [], f"version_policy specific {listed}: none of them exists"
+        return selected, f"version_policy specific: versions {missing} do not exist" if missing else ""
+    n = max(config.version_policy.latest.num_versions, 1) if policy == "latest" else 1
+    return versions[-n:], ""
 
 
 def parse_config(text: str) -> tuple[Any, list[str]]:

@@ -145,10 +145,13 @@ class Extensions:
         batching = spec.max_batch_size > 1 and bool(inputs) and all(
             (s := _shape(t)) and s[0] < 0 for t in inputs)
         cut = 1 if batching else 0
+        held = sorted(self.namespace.versions.held(versions.split(spec.model_id)[0]))
         config = mc.ModelConfig(
             name=request.name, platform=PLATFORM, backend=BACKEND,
             max_batch_size=spec.max_batch_size if batching else 0,
-            version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+            # several versions registered: the policy that serves exactly them
+            version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=held))
+            if len(held) > 1 else mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
             default_model_filename="model.onnx",
         )
         for t in inputs:

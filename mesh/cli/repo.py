@@ -1,9 +1,10 @@
 """`mesh register --repository DIR|s3://bucket/prefix` and the repository poll of `mesh up`.
 
-`sync` scans a Triton-style repository (mesh/repository.py), registers (or updates) all its
-models in one RegisterModels call (more only past 1000 models), and with `prune` unregisters
-the models an earlier sync registered from the same repository (label `repository`) that are
-no longer in it. A progress bar (rich) is drawn on a terminal only; piped output gets plain
+`sync` scans a Triton-style repository (mesh/repository.py), registers (or updates) every
+model version its version policies select in one RegisterModels call (more only past 1000), and
+with `prune` unregisters the model versions an earlier sync registered from the same repository
+(label `repository`) that it no longer selects (a model whose config fails keeps its versions).
+Summaries name version 1 of a model by its name, version N as `name/N` (its repository folder). A progress bar (rich) is drawn on a terminal only; piped output gets plain
 lines.
 """
 
@@ -45,7 +46,12 @@ def to_pb(spec: Any, tenant: str = "") -> types_pb2.ModelSpec:
     return types_pb2.ModelSpec(model_id=spec.model_id, storage_uri=spec.storage_uri, tenant=tenant,
                                labels=dict(spec.labels), max_batch_size=spec.max_batch_size,
                                max_queue_delay_us=spec.max_queue_delay_us, max_copies=spec.max_copies,
-                               credentials_ref=spec.credentials_ref)
+                               credentials_ref=spec.credentials_ref, version=spec.version)
+
+
+def shown(model_id: str, version: str) -> str:
+    """How a summary names a model version: `m` for version 1, `m/3` for version 3."""
+    return model_id if version in ("", "1") else f"{model_id}/{version}"
 
 
 def sync(stub: registry_pb2_grpc.ModelRegistryStub, location: str, *, metadata: tuple = (), timeout: float = 60.0,
@@ -57,11 +63,13 @@ def sync(stub: registry_pb2_grpc.ModelRegistryStub, location: str, *, metadata: 
     found = repository.scan(location, s3_client)
     out = Summary()
     specs = []
+    broken = set()  # models whose config cannot be registered: none of their versions is pruned
     for f in found:
         if f.warnings:
             out.warnings[f.name] = list(f.warnings)
         if f.spec is None:
             out.failed[f.name] = f.error
+            broken.add(f.name)
         else:
             specs.append(to_pb(dataclasses.replace(f.spec, credentials_ref=credentials_ref), tenant))
     if progress:
@@ -72,21 +80,22 @@ def sync(stub: registry_pb2_grpc.ModelRegistryStub, location: str, *, metadata: 
             models=[registry_pb2.RegisterModelRequest(spec=s) for s in batch], replace=replace),
             timeout=timeout, metadata=metadata)
         out.calls += 1
-        for r in resp.results:
+        for spec, r in zip(batch, resp.results, strict=True):  # one result per model, in order
+            name = shown(spec.model_id, spec.version)
             if r.code:
-                out.failed[r.model_id] = f"{grpc.StatusCode(_code(r.code)).name}: {r.message}"
+                out.failed[name] = f"{grpc.StatusCode(_code(r.code)).name}: {r.message}"
             else:
-                {"created": out.created, "updated": out.updated}.get(r.action, out.unchanged).append(r.model_id)
+                {"created": out.created, "updated": out.updated}.get(r.action, out.unchanged).append(name)
         if progress:
             progress("register", start + len(batch), len(specs))
     if prune:
-        present = {s.model_id for s in specs} | set(out.failed)
+        present = {(s.model_id, s.version or "1") for s in specs}
         label = repository.base_label(location, found)
-        for model_id in _registered_from(stub, label, tenant, metadata, timeout):
-            if model_id not in present:
-                stub.UnregisterModel(registry_pb2.UnregisterModelRequest(model_id=model_id), timeout=timeout,
-                                     metadata=metadata)
-                out.removed.append(model_id)
+        for model_id, version in _registered_from(stub, label, tenant, metadata, timeout):
+            if (model_id, version) not in present and model_id not in broken:
+                stub.UnregisterModel(registry_pb2.UnregisterModelRequest(model_id=model_id, version=version),
+                                     timeout=timeout, metadata=metadata)
+                out.removed.append(shown(model_id, version))
     return out
 
 
@@ -95,13 +104,15 @@ def _code(value: int) -> tuple[int, str]:
 
 
 def _registered_from(stub: registry_pb2_grpc.ModelRegistryStub, label: str, tenant: str, metadata: tuple,
-                     timeout: float) -> list[str]:
-    ids, token = [], ""
+                     timeout: float) -> list[tuple[str, str]]:
+    """(model id, version) of every model version registered from the repository."""
+    ids: list[tuple[str, str]] = []
+    token = ""
     while True:
         resp = stub.ListModels(registry_pb2.ListModelsRequest(
             page_token=token, tenant=tenant, label_selector={repository.LABEL: label}, page_size=1000),
             timeout=timeout, metadata=metadata)
-        ids += [m.spec.model_id for m in resp.models]
+        ids += [(m.spec.model_id, m.spec.version or "1") for m in resp.models]
         token = resp.next_page_token
         if not token:
             return ids

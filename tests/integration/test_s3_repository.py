@@ -161,6 +161,9 @@ def test_bulk_rpc_reports_each_model(mesh: LocalMesh) -> None:
 def test_mesh_up_serves_a_repository_and_the_poll_follows_it(etcd_endpoint: str, tmp_path: pathlib.Path,
                                                             mesh_root: str) -> None:
     repo = write_repository(tmp_path / "repo", 3)
+    for version in (1, 2, 3):  # three versions, the policy serving the newest two
+        demo.save(demo.linear_model(300 + version), repo / "ver" / str(version) / "model.onnx")
+    (repo / "ver" / "config.pbtxt").write_text('version_policy { latest { num_versions: 2 } }\n')
     port = procs.free_port()
     env = {**os.environ, "MESH_ROOT": mesh_root, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
@@ -178,7 +181,7 @@ def test_mesh_up_serves_a_repository_and_the_poll_follows_it(etcd_endpoint: str,
                 break
             out.append(line)
         text = "".join(out)
-        assert "3 registered" in text and "models: m00, m01, m02" in text, text
+        assert "5 registered" in text and "models: m00, m01, m02, ver/2, ver/3" in text, text
         client = triton.InferenceServerClient(f"127.0.0.1:{port}")
         try:
             x = np.ones((1, 4), np.float32)
@@ -193,17 +196,46 @@ def test_mesh_up_serves_a_repository_and_the_poll_follows_it(etcd_endpoint: str,
                 time.sleep(0.5)
             assert _registered(port, "added") and not _registered(port, "m02")
             assert client.infer("added", [inp], client_timeout=60).as_numpy("output").shape == (1, 3)
+            _check_versions(client, repo, port, x, inp)
         finally:
             client.close()
     finally:
         procs.stop(up, grace=60)
 
 
-def _registered(port: int, model_id: str) -> bool:
+def _check_versions(client: triton.InferenceServerClient, repo: pathlib.Path, port: int, x: np.ndarray,
+                    inp: triton.InferInput) -> None:
+    """Every version the version policy selects is served as that version, "" the newest, as
+    by Triton; a new version replaces the oldest on the next poll."""
+    def answer(version: str) -> tuple[str, np.ndarray]:
+        result = client.infer("ver", [inp], model_version=version, client_timeout=60)
+        return result.get_response().model_version, result.as_numpy("output")
+
+    def expected(version: int) -> np.ndarray:
+        session = ort.InferenceSession(str(repo / "ver" / str(version) / "model.onnx"))
+        return session.run(None, {"input": x})[0]
+
+    for asked, served in (("2", 2), ("3", 3), ("", 3)):
+        version, output = answer(asked)
+        assert version == str(served)
+        np.testing.assert_allclose(output, expected(served), rtol=1e-6)
+    with pytest.raises(triton.InferenceServerException, match="'ver' version '1' is not found"):
+        answer("1")
+    demo.save(demo.linear_model(304), repo / "ver" / "4" / "model.onnx")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (_registered(port, "ver", "4") and not _registered(port, "ver", "2")):
+        time.sleep(0.5)
+    assert _registered(port, "ver", "4") and _registered(port, "ver", "3") and not _registered(port, "ver", "2")
+    version, output = answer("")
+    assert version == "4"
+    np.testing.assert_allclose(output, expected(4), rtol=1e-6)
+
+
+def _registered(port: int, model_id: str, version: str = "") -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
-            registry_pb2_grpc.ModelRegistryStub(channel).GetModel(registry_pb2.GetModelRequest(model_id=model_id),
-                                                                  timeout=10)
+            registry_pb2_grpc.ModelRegistryStub(channel).GetModel(
+                registry_pb2.GetModelRequest(model_id=model_id, version=version), timeout=10)
             return True
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:

@@ -70,6 +70,10 @@ def test_metadata_lists_the_versions_and_ready_answers_per_version(mesh: LocalMe
     assert (meta.name, list(meta.versions)) == ("m", ["1", "2"])
     assert list(client.get_model_metadata("ref1").versions) == ["1"]
     assert client.get_model_metadata("m", model_version="1").inputs[0].datatype == "FP32"
+    # ModelConfig's version policy is the one that serves exactly the registered versions
+    policy = client.get_model_config("m").config.version_policy
+    assert policy.WhichOneof("policy_choice") == "specific" and list(policy.specific.versions) == [1, 2]
+    assert client.get_model_config("ref1").config.version_policy.latest.num_versions == 1
     assert client.is_model_ready("m", "1") and client.is_model_ready("m", "2") and client.is_model_ready("m")
     for call in (lambda: client.get_model_metadata("m", model_version="3"),
                  lambda: client.is_model_ready("m", "3"),

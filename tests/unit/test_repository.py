@@ -38,27 +38,38 @@ def test_config_maps_batching_copies_and_lists_what_is_ignored() -> None:
     found = models_of("file:///r/", [Entry("resnet/config.pbtxt", 1, "a"), Entry("resnet/1/model.onnx", 1, "a"),
                                      Entry("resnet/3/model.onnx", 1, "a"), Entry("resnet/2/model.onnx", 1, "a")],
                       lambda path: CONFIG)
-    (m,) = found
-    assert m.spec is not None and m.version == 3
+    two, m = found  # latest { num_versions: 2 }: versions 2 and 3, each registered as itself
+    assert m.spec is not None and two.spec is not None and (two.version, m.version) == (2, 3)
+    assert (two.spec.version, m.spec.version) == ("2", "3")
     assert m.spec.storage_uri == "file:///r/resnet/3/model.onnx"
+    assert two.spec.storage_uri == "file:///r/resnet/2/model.onnx"
     assert (m.spec.max_batch_size, m.spec.max_queue_delay_us, m.spec.max_copies) == (16, 500, 3)
     assert m.spec.labels["repository"] == "file:///r" and m.spec.labels["repository-version"] == "3"
-    text = " | ".join(m.warnings)
-    assert "versions [2] the version_policy also selects are ignored" in text
-    assert "input, model_warmup, optimization, output" in text
+    assert "input, model_warmup, optimization, output" in " | ".join(two.warnings)
+    assert m.warnings == ()  # the model's warnings once, on its first version
 
 
-@pytest.mark.parametrize(("policy", "version", "note"), [
-    ("", 3, ""),
-    ("version_policy { all {} }", 3, "[1, 2]"),
-    ("version_policy { specific { versions: [1, 2] } }", 2, "[1]"),
-    ("version_policy { specific { versions: [7] } }", None, "none of them exists"),
+@pytest.mark.parametrize(("policy", "selected", "note"), [
+    ("", [3], ""),
+    ("version_policy { latest { num_versions: 2 } }", [2, 3], ""),
+    ("version_policy { latest { num_versions: 9 } }", [1, 2, 3], ""),
+    ("version_policy { all {} }", [1, 2, 3], ""),
+    ("version_policy { specific { versions: [2, 1, 2] } }", [1, 2], ""),
+    ("version_policy { specific { versions: [1, 5] } }", [1], "versions [5] do not exist"),
+    ("version_policy { specific { versions: [7] } }", [], "none of them exists"),
 ])
-def test_version_policy(policy: str, version: int | None, note: str) -> None:
-    files = [Entry("m/config.pbtxt", 1, ""), *(Entry(f"m/{v}/model.onnx", 1, "") for v in (1, 2, 3))]
-    (m,) = models_of("s3://b/p/", files, lambda path: policy)
-    assert m.version == (version or 0)
-    assert note in (m.error if version is None else " ".join(m.warnings))
+def test_version_policy(policy: str, selected: list[int], note: str) -> None:
+    files = [Entry("m/config.pbtxt", 1, ""), *(Entry(f"m/{v}/model.onnx", 1, str(v)) for v in (1, 2, 3))]
+    found = models_of("s3://b/p/", files, lambda path: policy)
+    if not selected:
+        (m,) = found
+        assert m.spec is None and note in m.error
+        return
+    assert [m.version for m in found] == selected
+    assert [m.spec.version for m in found if m.spec] == [str(v) for v in selected]
+    assert [m.spec.storage_uri for m in found if m.spec] == [f"s3://b/p/m/{v}/model.onnx" for v in selected]
+    assert len({m.spec.labels["repository-digest"] for m in found if m.spec}) == len(selected)
+    assert note in " ".join(found[0].warnings)
 
 
 def test_batching_only_with_dynamic_batching() -> None:
