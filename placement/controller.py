@@ -200,7 +200,12 @@ class Controller:
             if ready:
                 return ready
             target = self._in_progress(model_id, excluded)
-            placed = None if target else await self._place(spec, excluded)
+            try:
+                placed = None if target else await self._place(spec, excluded)
+            except Unavailable:
+                if not failures:
+                    raise
+                break  # every pod left failed it: its reasons, not "no pod" (which says retry)
             target = placed.instance_id if placed else target
             assert target is not None  # _place returns a Placed or raises
             try:

@@ -14,6 +14,7 @@ are ignored (they would connect elsewhere than the checked address).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -23,7 +24,7 @@ import httpx
 
 from mesh import uripolicy
 from mesh.errors import LoadFailed, PermissionDenied, quote_id
-from puller.storage import Auth, DiskFull, Reserve, is_disk_full, open_target
+from puller.storage import Auth, DiskFull, Reserve, archive, is_disk_full, open_target
 from puller.storage.credentials import Credentials
 
 _CHUNK = 1024 * 1024
@@ -58,13 +59,33 @@ class HttpClient:
 
     async def pull_tree(self, uri: str, folder: str, reserve: Reserve | None = None,
                         auth: Auth | None = None) -> None:
-        """A single file as folder/model.onnx. HTTP has no listing, so a folder (a URI ending
-        in /) is refused: serve multi-file models from file:// or s3:// (docs/OPERATIONS.md)."""
+        """A single file as folder/model.onnx, or an archive (.tar, .tar.gz, .tgz, .zip)
+        unpacked into the folder (puller/storage/archive.py). HTTP has no listing, so a folder (a
+        URI ending in /) is refused: pack it, or serve it from file:// or s3:// (docs/STORAGE.md)."""
         path = urllib.parse.urlsplit(uri).path
         if len(path) > 1 and path.endswith("/"):
             raise LoadFailed(f"cannot read {uripolicy.show(uri)}: an http(s) URI names one file; a model "
-                             "folder (model.onnx with external data) must come from file:// or s3://")
-        await self.pull(uri, os.path.join(folder, "model.onnx"), reserve, auth)
+                             "folder (model.onnx with external data) must be an archive (.tar.gz, .zip) "
+                             "or come from file:// or s3://")
+        if not archive.is_archive(uri):
+            await self.pull(uri, os.path.join(folder, "model.onnx"), reserve, auth)
+            return
+        packed = os.path.join(folder, ".archive")  # a dot file: never part of the model
+        await self.pull(uri, packed, reserve, auth)
+        loop = asyncio.get_running_loop()
+        size = await asyncio.to_thread(os.path.getsize, packed)
+
+        async def reserve_all(unpacked: int) -> None:
+            if reserve is not None:
+                await reserve(size + unpacked)
+
+        def room(unpacked: int) -> None:  # in the unpacking thread: the archive and its files
+            asyncio.run_coroutine_threadsafe(reserve_all(unpacked), loop).result()
+
+        try:
+            await asyncio.to_thread(archive.unpack, packed, folder, self.max_bytes, uripolicy.show(uri), room)
+        finally:
+            await asyncio.to_thread(_unlink, packed)
 
     async def _pull(self, uri: str, target: str, reserve: Reserve | None, headers: dict[str, str],
                     tenant: str) -> None:
@@ -175,6 +196,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _close(fd: int) -> None:
     os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _default_port(parts: urllib.parse.SplitResult) -> int:

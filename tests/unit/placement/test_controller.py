@@ -136,6 +136,16 @@ async def test_both_pods_fail_gives_reasons(world: World, controller: Controller
     assert "bad model on a" in err.value.message and "bad model on b" in err.value.message
 
 
+async def test_the_only_pod_failing_gives_its_reason_not_no_pod(world: World, controller: Controller) -> None:
+    # One pod: after its failed load none is left to try. The caller hears the load's reason
+    # (LoadFailed), not "no runtime pod can take it" (Unavailable, which says retry).
+    world.model("m")
+    world.pod("a", 100)
+    play_pod(world, lambda m, i: (CopyState.FAILED, "archive holds a link"))
+    with pytest.raises(LoadFailed, match="a: archive holds a link"):
+        await controller.ensure_loaded("m", WAIT)
+
+
 async def test_pod_dying_while_loading_moves_the_model(world: World, controller: Controller) -> None:
     world.model("m")
     world.pod("a", 200)
