@@ -106,7 +106,9 @@ class RouterSettings(BaseSettings):
     max_in_flight_per_pod: int = Field(default=256, ge=1, le=65536)
     """Requests this router has in flight to one pod at most; a copy at it is not picked, and a
     request whose every ready copy is at it is shed at once with RESOURCE_EXHAUSTED and a
-    grpc-retry-pushback-ms hint (rather than queueing in the pod's saturated event loop)."""
+    grpc-retry-pushback-ms hint (rather than queueing in the pod's saturated event loop).
+    Envoy, when on, holds it too: one connection per pod at this many streams, this many
+    requests waiting for a stream in all, any more shed the same way by Envoy itself."""
     ejection_s: float = Field(default=5.0, gt=0)
     """How long an ejected pod is left out of picks the first time; each ejection in a row
     doubles it (up to ejection_max_s). A re-admitted pod that fails again before answering is

@@ -164,7 +164,8 @@ class DataPlane:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.binary != EXTERNAL:  # ours to start afresh; a sidecar's is read on from its end
             (self.dir / ec.ACCESS_LOG).unlink(missing_ok=True)
-        bootstrap = ec.bootstrap(self.public, self.router, str(self.dir), self.settings.max_message_bytes)
+        bootstrap = ec.bootstrap(self.public, self.router, str(self.dir), self.settings.max_message_bytes,
+                                 self.settings.max_in_flight_per_pod)
         self._atomic("bootstrap.json", json.dumps(bootstrap))
         self.render()
 
@@ -360,14 +361,17 @@ class DataPlane:
             parts = line.decode("utf-8", "replace").split(" ")
             if len(parts) != 4 or parts[0] in ("-", "") or parts[1] == router:
                 continue  # not routed to a pod (Python counted it), or not a request line
-            model, _, status, ms = parts
+            model, host, status, ms = parts
             code = _CODES.get(int(status), "UNKNOWN") if status.isdigit() else "UNAVAILABLE"
             seconds = int(ms) / 1000 if ms.isdigit() else 0.0
             if self.on_request is not None:
                 self.on_request(model)
             m.requests.labels(m.service, "ModelInfer", code).inc()
             m.request_seconds.labels(m.service, "ModelInfer").observe(seconds)
-            m.cache_hits.labels(m.service).inc()
+            if host == "-" and code == "RESOURCE_EXHAUSTED":  # Envoy shed it: the per-pod cap
+                m.shed.labels(m.service, "pod_cap").inc()
+            else:
+                m.cache_hits.labels(m.service).inc()
             m.bind(model)
             m.request_done("ModelInfer", code, seconds)
 

@@ -28,7 +28,13 @@ How a request finds its pod, without per-model routes or clusters:
   reset or a refused connection is retried once on the next priority (Envoy's
   previous_priorities), i.e. through Python, whose miss path loads it or retries elsewhere;
 - every other RPC (health, metadata, registration, streams, the Triton extensions) is routed
-  to the Python router unchanged.
+  to the Python router unchanged;
+- the router's per-pod cap (MESH_ROUTER_MAX_IN_FLIGHT_PER_POD) holds here too, inside Envoy:
+  one HTTP/2 connection per endpoint of `mesh` with at most that many streams, a pod's worth of
+  requests waiting for a stream across the cluster, and any more shed at once (circuit-breaker
+  overflow, flag UO) as RESOURCE_EXHAUSTED with grpc-retry-pushback-ms, as Python sheds them:
+  an overloaded pod is never queued to in its saturated event loop (F21). The Python router's
+  endpoint in `mesh` (misses) has the same cap; its own RPC limit stays behind it.
 
 Only the models whose request Python would forward unchanged are listed (`direct_ids`): the
 default tenant's, with one version, while that tenant has no request quota. Deadlines pass
@@ -43,6 +49,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mesh.rpc.status import MIN_PUSHBACK_MS, PUSHBACK_KEY
 from router.envoy_lua import LUA
 
 ENVOY_LB = "envoy.lb"
@@ -59,10 +66,10 @@ LUA_FILTER = "envoy.filters.http.lua"
 ACCESS_LOG = "access.log"
 # One access-log line per ModelInfer Envoy handled: model (or "-"), upstream host, gRPC status, ms.
 ACCESS_FORMAT = "%DYNAMIC_METADATA(envoy.lb:models)% %UPSTREAM_HOST% %GRPC_STATUS(NUMBER)% %DURATION%\n"
-_BIG = 1_000_000  # circuit-breaker thresholds: the pods and the Python router shed, not Envoy
+_BIG = 1_000_000  # circuit-breaker thresholds Envoy never reaches (the Python router's cluster)
 MAX_CONNECTIONS = 50_000  # client connections Envoy accepts at once
-
-
+OVERFLOW_FLAG = "UO"  # Envoy's response flag of a circuit-breaker overflow
+OVERFLOW_PUSHBACK_MS = MIN_PUSHBACK_MS  # Envoy knows no recent latency to hint with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +97,47 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def _http2(stream_window: int) -> dict[str, Any]:
+def _http2(stream_window: int, max_streams: int | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "initial_stream_window_size": stream_window, "initial_connection_window_size": stream_window,
+        # a frozen pod's connection is closed within ~2 s (its requests retried through Python)
+        "connection_keepalive": {"interval": "1s", "timeout": "1s"},
+    }
+    if max_streams is not None:
+        options["max_concurrent_streams"] = max_streams
     return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {
-            "initial_stream_window_size": stream_window, "initial_connection_window_size": stream_window,
-            # a frozen pod's connection is closed within ~2 s (its requests retried through Python)
-            "connection_keepalive": {"interval": "1s", "timeout": "1s"},
-        }},
+        "explicit_http_config": {"http2_protocol_options": options},
     }}
 
 
-def _breakers() -> dict[str, Any]:
-    return {"thresholds": [{"priority": "DEFAULT", "max_connections": _BIG, "max_pending_requests": _BIG,
-                            "max_requests": _BIG, "max_retries": _BIG}]}
+def _breakers(per_pod: int | None = None) -> dict[str, Any]:
+    """Circuit breakers: none Envoy reaches, or (`per_pod`) the per-pod cap: one connection per
+    endpoint (at `per_pod` streams, _http2), `per_pod` requests waiting for a stream in all."""
+    pending = _BIG if per_pod is None else per_pod
+    out: dict[str, Any] = {"thresholds": [{"priority": "DEFAULT", "max_connections": _BIG,
+                                           "max_pending_requests": pending, "max_requests": _BIG,
+                                           "max_retries": _BIG}]}
+    if per_pod is not None:
+        out["per_host_thresholds"] = [{"priority": "DEFAULT", "max_connections": 1}]
+    return out
+
+
+def _overflow_reply(per_pod: int) -> dict[str, Any]:
+    """The answer to a request the per-pod cap sheds: what the Python router answers
+    (router/table.py), RESOURCE_EXHAUSTED with a retry hint, instead of Envoy's UNAVAILABLE."""
+    def header(key: str, value: str) -> dict[str, Any]:
+        return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+    message = (f"model '%DYNAMIC_METADATA({ENVOY_LB}:{MODELS_KEY})%': its ready copies have {per_pod} requests "
+               "in flight each from this router, its limit per pod (MESH_ROUTER_MAX_IN_FLIGHT_PER_POD); "
+               f"retry after {OVERFLOW_PUSHBACK_MS} ms, or give the model more copies")
+    return {"mappers": [{
+        "filter": {"response_flag_filter": {"flags": [OVERFLOW_FLAG]}},
+        "headers_to_add": [header("grpc-status", "8"),  # RESOURCE_EXHAUSTED
+                           header(PUSHBACK_KEY, str(OVERFLOW_PUSHBACK_MS))],
+        "body_format_override": {"text_format_source": {"inline_string": message}},
+    }]}
 
 
 def _timeouts() -> dict[str, Any]:
@@ -111,7 +145,8 @@ def _timeouts() -> dict[str, Any]:
     return {"timeout": "0s", "max_stream_duration": {"grpc_timeout_header_max": "0s"}}
 
 
-def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: int) -> dict[str, Any]:
+def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: int,
+              max_in_flight_per_pod: int) -> dict[str, Any]:
     """Envoy's static configuration; the `mesh` cluster's endpoints (`<config_dir>/eds.json`)
     and the routes (`rds.json`, for the tokens they list) change, written by router/envoy.py
     and watched by Envoy."""
@@ -130,6 +165,7 @@ def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: in
         "http2_protocol_options": {"max_concurrent_streams": 1250, "initial_stream_window_size": window,
                                    "initial_connection_window_size": window},
         "access_log": [access_log],  # ModelInfer only: router/envoy.py reads it back (metrics, usage)
+        "local_reply_config": _overflow_reply(max_in_flight_per_pod),
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": {"resource_api_version": "V3", "path_config_source": {
             "path": f"{config_dir}/{RDS_FILE}", "watched_directory": {"path": config_dir}}}},
         "http_filters": [
@@ -167,8 +203,9 @@ def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: in
                  "load_assignment": {"cluster_name": ROUTER_CLUSTER, "endpoints": [
                      {"lb_endpoints": [{"endpoint": {"address": router.socket()}}]}]}},
                 {"name": MESH_CLUSTER, "type": "EDS", "connect_timeout": "1s", "lb_policy": "LEAST_REQUEST",
-                 "per_connection_buffer_limit_bytes": buffer, "circuit_breakers": _breakers(),
-                 "typed_extension_protocol_options": _http2(window),
+                 "per_connection_buffer_limit_bytes": buffer,
+                 "circuit_breakers": _breakers(max_in_flight_per_pod),
+                 "typed_extension_protocol_options": _http2(window, max_in_flight_per_pod),
                  "eds_cluster_config": {"eds_config": {"resource_api_version": "V3", "path_config_source": {
                      "path": eds_path, "watched_directory": {"path": config_dir}}}},
                  "lb_subset_config": {

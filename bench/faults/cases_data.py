@@ -193,12 +193,18 @@ def f21(run: Run) -> None:
     run.sleep(run.opts.before_s)
     live_peak = (ok1 - ok0) / (probe1 - probe0)
     run.begin_fault()
+    shed0 = _router_shed(run)
     run.set_inflight(512)
     run.set_rate(3 * max(live_peak, base_rate))
     run.sleep(6 if run.opts.quick else 15)
     run.set_inflight(64)
     run.set_rate(base_rate)
     run.end_fault()
+    fast, total = (b - a for a, b in zip(shed0, _router_shed(run), strict=True))
+    # The routers' own time for the sheds (Envoy's from a request's first byte to its answer;
+    # Python's from its handler's start): the client's figures add the client's own wait.
+    run.figures["router_shed"] = int(total)
+    run.figures["router_shed_within_5ms_pct"] = round(100 * fast / total, 1) if total else None
     run.figures["offered_overload_rps"] = round(3 * max(live_peak, base_rate), 1)
     run.post.append(lambda row, rows: _overload_figures(run, rows, probe0, probe1))
     run.close_during()
@@ -212,6 +218,21 @@ def _router_ok(run: Run) -> float:
         total += sum(v for k, v in samples.items() if k.startswith("mesh_requests_total{")
                      and 'code="OK"' in k and "ModelInfer" in k)
     return total
+
+
+def _router_shed(run: Run) -> tuple[float, float]:
+    """(within 5 ms, all) of the ModelInfer answers RESOURCE_EXHAUSTED the routers timed so far
+    (modelmesh_api_request_milliseconds, Envoy's answers included)."""
+    fast = total = 0.0
+    for name in [n for n in run.mesh.procs if n.startswith("router")]:
+        for key, value in run.mesh.scrape(name).items():
+            if not key.startswith("modelmesh_api_request_milliseconds_") or 'code="RESOURCE_EXHAUSTED"' not in key:
+                continue
+            if key.startswith("modelmesh_api_request_milliseconds_bucket") and 'le="5.0"' in key:
+                fast += value
+            elif key.startswith("modelmesh_api_request_milliseconds_count"):
+                total += value
+    return fast, total
 
 
 def _overload_figures(run: Run, rows: list, p0: float, p1: float) -> None:

@@ -34,13 +34,13 @@ pytestmark = pytest.mark.skipif(envoy.find_binary("") is None, reason="no Envoy 
 
 
 @contextlib.contextmanager
-def envoy_mesh(base: pathlib.Path, etcd: str, models: dict[str, onnx.ModelProto],
+def envoy_mesh(base: pathlib.Path, etcd: str, models: dict[str, onnx.ModelProto], env: dict[str, str] | None = None,
                **kwargs: object) -> Iterator[tuple[LocalMesh, pathlib.Path]]:
     """A mesh whose router runs Envoy (MESH_ROUTER_ENVOY=on) on files in <base>/envoy-config;
     `models` registered; the Python router's own port as ports["router-internal"]."""
     config = base / "envoy-config"
     m = start_mesh(base, etcd, capacity="256MiB", env={
-        "MESH_ROUTER_ENVOY": "on", "MESH_ROUTER_ENVOY_CONFIG_DIR": str(config)}, **kwargs)
+        "MESH_ROUTER_ENVOY": "on", "MESH_ROUTER_ENVOY_CONFIG_DIR": str(config), **(env or {})}, **kwargs)
     try:
         for name, model in models.items():
             m.register(name, demo.save(model, base / f"{name}.onnx"))
@@ -391,3 +391,53 @@ def test_a_forged_digest_header_is_no_credential(tmesh) -> None:
     assert _code(_client(m), "tk-0", dict(forged)) == "StatusCode.UNAUTHENTICATED"
     # and the real token still works on both kinds of RPC
     assert _code(_client(m), "tk-0", {"authorization": f"Bearer {m.token}"}) == "OK"
+
+
+@pytest.fixture(scope="module")
+def cmesh(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, pathlib.Path]]:
+    """One pod, MESH_ROUTER_MAX_IN_FLIGHT_PER_POD=1, Envoy on."""
+    with envoy_mesh(tmp_path_factory.mktemp("envoy-cap"), etcd_endpoint,
+                    {"cap-slow": demo.linear_model(5, weight_bytes=32 << 20)},
+                    env={"MESH_ROUTER_MAX_IN_FLIGHT_PER_POD": "1"}, pods=1) as m:
+        yield m
+
+
+def test_the_per_pod_cap_sheds_in_envoy_as_in_python(cmesh) -> None:
+    """Regression (issue 14: the per-pod cap held only on the Python path; F21): through Envoy,
+    requests beyond MESH_ROUTER_MAX_IN_FLIGHT_PER_POD per pod (and a pod's worth waiting) are
+    shed by Envoy itself, RESOURCE_EXHAUSTED with grpc-retry-pushback-ms and a message naming
+    the model and the setting, never reaching the pod; every other request is answered right."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as rpc
+
+    m, config = cmesh
+    client = _client(m)
+    want = _infer(client, "cap-slow", timeout=60)  # loaded (through Python: a miss)
+    pod = _listed(config, "cap-slow")
+    x = np.ones((1, 4), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="cap-slow", raw_input_contents=[x.tobytes()], inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 4])])
+    before = len(_log(config))
+    with grpc.insecure_channel(m.router_address) as channel:
+        infer = rpc.GRPCInferenceServiceStub(channel).ModelInfer
+        calls = [infer.future(request, timeout=30) for _ in range(60)]
+        oks, shed = 0, []
+        for call in calls:
+            exc = call.exception()
+            if exc is None:
+                out = call.result()
+                assert np.allclose(np.frombuffer(out.raw_output_contents[0], dtype=np.float32), want.ravel())
+                oks += 1
+            else:
+                shed.append(exc)
+    assert oks >= 1 and shed, (oks, len(shed))
+    for exc in shed:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), exc.details())
+        assert "'cap-slow'" in exc.details() and "MESH_ROUTER_MAX_IN_FLIGHT_PER_POD" in exc.details()
+        assert int(dict(exc.trailing_metadata() or ())["grpc-retry-pushback-ms"]) > 0
+    lines = _wait_log(config, before, 60)
+    answered = [line for line in lines if line[1] in pod]
+    dropped = [line for line in lines if line[1] == "-"]
+    assert len(answered) == oks and len(dropped) == len(shed)  # the shed never reached the pod
+    assert {line[2] for line in dropped} == {"8"}

@@ -83,7 +83,7 @@ def test_routes_list_who_may_take_the_direct_path() -> None:
 
 
 def test_bootstrap_keeps_the_routers_promises() -> None:
-    boot = ec.bootstrap(ec.Addr("0.0.0.0", 8033), ROUTER, "/cfg", 16 << 20)
+    boot = ec.bootstrap(ec.Addr("0.0.0.0", 8033), ROUTER, "/cfg", 16 << 20, 256)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["rds"]["config_source"]["path_config_source"]["path"] == "/cfg/rds.json"
     doc = ec.routes([], anonymous=True)
@@ -106,9 +106,31 @@ def test_bootstrap_keeps_the_routers_promises() -> None:
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
+def test_the_per_pod_cap_holds_in_envoy_and_its_shed_is_resource_exhausted() -> None:
+    """MESH_ROUTER_MAX_IN_FLIGHT_PER_POD through Envoy: one connection per endpoint of `mesh`
+    at that many streams, that many waiting in all, and the overflow answered as Python
+    answers it (RESOURCE_EXHAUSTED + grpc-retry-pushback-ms, the setting named), not UNAVAILABLE."""
+    boot = ec.bootstrap(ec.Addr("0.0.0.0", 8033), ROUTER, "/cfg", 16 << 20, 7)
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    mesh = clusters[ec.MESH_CLUSTER]
+    assert mesh["circuit_breakers"]["per_host_thresholds"] == [{"priority": "DEFAULT", "max_connections": 1}]
+    assert mesh["circuit_breakers"]["thresholds"][0]["max_pending_requests"] == 7
+    options = mesh["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] == 7
+    router = clusters[ec.ROUTER_CLUSTER]  # the Python router's own RPCs: its own limits apply
+    assert "per_host_thresholds" not in router["circuit_breakers"]
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (mapper,) = hcm["local_reply_config"]["mappers"]
+    assert mapper["filter"] == {"response_flag_filter": {"flags": ["UO"]}}
+    added = {h["header"]["key"]: h["header"]["value"] for h in mapper["headers_to_add"]}
+    assert added == {"grpc-status": "8", "grpc-retry-pushback-ms": "10"}
+    message = mapper["body_format_override"]["text_format_source"]["inline_string"]
+    assert "MESH_ROUTER_MAX_IN_FLIGHT_PER_POD" in message and "7 requests" in message
+
+
 @pytest.mark.skipif(envoy.find_binary("") is None, reason="no Envoy binary")
 def test_envoy_accepts_the_bootstrap_and_the_endpoints(tmp_path: pathlib.Path) -> None:
-    boot = ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, str(tmp_path), 16 << 20)
+    boot = ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, str(tmp_path), 16 << 20, 256)
     (tmp_path / "bootstrap.json").write_text(json.dumps(boot))
     (tmp_path / ec.EDS_FILE).write_text(json.dumps(ec.endpoints({"a": ["127.0.0.1:1"]}, ROUTER, {"a"})))
     (tmp_path / ec.RDS_FILE).write_text(json.dumps(ec.routes(["ab" * 32], anonymous=False)))
