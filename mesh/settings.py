@@ -230,8 +230,9 @@ class RouterSettings(BaseSettings):
     envoy: str = "auto"
     """Envoy as the data plane on the listen port (router/envoy.py, docs/ARCHITECTURE.md):
     ModelInfer for a model with a ready copy goes from Envoy straight to a pod; everything else
-    to this Python router on envoy_internal_listen. auto: on when an Envoy binary is found and
-    no TLS is configured; on: required (start-up fails when it
+    to this Python router on envoy_internal_listen. auto: on when an Envoy binary is found,
+    unless internal TLS is on without internal_tls_server_name (Envoy then holds the public
+    TLS too); on: required (start-up fails when it
     cannot run); external: a sidecar runs Envoy on the files this router writes to
     envoy_config_dir (the chart); off: the Python router serves the listen port itself."""
     envoy_bin: str = ""

@@ -93,6 +93,7 @@ def require_admin(operation: str) -> Principal:
 
 
 DIGEST_KEY = "x-mesh-token-sha256"
+XFCC_KEY = "x-forwarded-client-cert"  # set by Envoy alone (router/envoy_config.py), trusted as DIGEST_KEY
 
 
 def parse_digests(text: str) -> tuple[str, ...]:
@@ -166,19 +167,25 @@ class Authenticator:
 
     def resolve(self, context: grpc.aio.ServicerContext) -> Principal:
         token = None
-        hashed = None
+        hashed = forwarded = None
         for key, value in context.invocation_metadata() or ():
             if key == METADATA_KEY:
                 token = _bearer(value)
                 break
-            if key == DIGEST_KEY and self.trust_digest and isinstance(value, str):
-                hashed = value
+            if self.trust_digest and isinstance(value, str):
+                if key == DIGEST_KEY:
+                    hashed = value
+                elif key == XFCC_KEY:
+                    forwarded = value
         if token is not None:
             return self.by_token(token)
         if hashed is not None:  # Envoy in front hashed the caller's token (router/envoy_config.py)
             return self.by_digest(hashed)
-        if self.certificates:  # auth_context() builds a dict per call: only when it can matter
-            principal = self.by_certificate(context.auth_context())
+        if self.certificates:
+            if self.trust_digest:  # behind Envoy, which verified the certificate and says what it names
+                principal = self.by_forwarded(forwarded) if forwarded is not None else None
+            else:  # auth_context() builds a dict per call: only when it can matter
+                principal = self.by_certificate(context.auth_context())
             if principal is not None:
                 return principal
         if self.allow_anonymous:
@@ -219,9 +226,17 @@ class Authenticator:
             return None
         cn = auth.get("x509_common_name")
         uris = [u.decode(errors="replace") for u in auth.get("peer_uri", ())]
-        if not cn and not uris:
+        return self._certificate(cn[0].decode(errors="replace") if cn else "", uris)
+
+    def by_forwarded(self, value: str) -> Principal | None:
+        """The Principal of the client certificate Envoy verified, from the
+        x-forwarded-client-cert it set (router/envoy_config.py; a client's own is dropped)."""
+        fields = parse_xfcc(value)
+        return self._certificate(common_name(fields.get("Subject", [""])[0]), fields.get("URI", []))
+
+    def _certificate(self, common: str, uris: Sequence[str]) -> Principal | None:
+        if not common and not uris:
             return None
-        common = cn[0].decode(errors="replace") if cn else ""
         # An explicit tenant URI SAN wins (`<prefix>` alone: the default tenant), else the CN.
         named = next((u[len(self.uri_prefix):] for u in uris
                       if self.uri_prefix and u.startswith(self.uri_prefix)), None)
@@ -233,6 +248,55 @@ class Authenticator:
             raise Unauthenticated("the client certificate's tenant (URI SAN or CN) is not a valid tenant "
                                   "name ([A-Za-z0-9._-], at most 63 characters)")
         return Principal(tenant, admin, "certificate", common or (uris[0] if uris else ""))
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """`text` cut at each `sep` outside double quotes and not escaped by a backslash."""
+    parts, current, quoted, escaped = [], [], False, False
+    for ch in text:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            current.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            current.append(ch)
+        elif ch == sep and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1].replace('\\"', '"')
+    return value
+
+
+def parse_xfcc(value: str) -> dict[str, list[str]]:
+    """The first element of an x-forwarded-client-cert header (Envoy's format: `Key=value`
+    pairs cut by `;`, values with `,;=` quoted), as key -> values (URI may repeat)."""
+    out: dict[str, list[str]] = {}
+    first = _split(value, ",")[0]
+    for pair in _split(first, ";"):
+        key, eq, raw = pair.partition("=")
+        if eq:
+            out.setdefault(key.strip(), []).append(_unquote(raw.strip()))
+    return out
+
+
+def common_name(subject: str) -> str:
+    """The CN of an RFC 2253 distinguished name ("CN=a,O=b"), "" without one."""
+    for rdn in _split(subject, ","):
+        key, _, value = rdn.partition("=")
+        if key.strip().upper() == "CN":
+            return value.replace("\\", "")
+    return ""
 
 
 def _bearer(value: str | bytes) -> str:

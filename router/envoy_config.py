@@ -36,6 +36,16 @@ How a request finds its pod, without per-model routes or clusters:
   an overloaded pod is never queued to in its saturated event loop (F21). The Python router's
   endpoint in `mesh` (misses) has the same cap; its own RPC limit stays behind it.
 
+TLS (`PublicTLS`, `PodTLS`): Envoy terminates the public port's TLS with the router's
+certificate, and with client certificates required it verifies them and passes the verified
+subject and URI SANs to Python in x-forwarded-client-cert (set by Envoy alone: a client's own
+is dropped), where a certificate caller is resolved (router/auth.py) — those callers take the
+Python path, as every certificate caller does. To the pods it speaks the internal mutual TLS
+(its client certificate, the internal CA, the one server name every pod certificate carries,
+MESH_INTERNAL_TLS_SERVER_NAME); to the Python router, on loopback, plaintext. Certificates and
+CAs are SDS files (`secrets`) naming the PEM files with their folder watched, so a rotated
+Secret (its `..data` swapped) is used from the next handshake on, as the Python servers do.
+
 Only the models whose request Python would forward unchanged are listed (`direct_ids`): the
 default tenant's, with one version, while that tenant has no request quota. Deadlines pass
 through (`grpc-timeout` is honoured and forwarded); a request without one gets no Envoy
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -70,6 +81,89 @@ _BIG = 1_000_000  # circuit-breaker thresholds Envoy never reaches (the Python r
 MAX_CONNECTIONS = 50_000  # client connections Envoy accepts at once
 OVERFLOW_FLAG = "UO"  # Envoy's response flag of a circuit-breaker overflow
 OVERFLOW_PUSHBACK_MS = MIN_PUSHBACK_MS  # Envoy knows no recent latency to hint with
+
+
+TLS_SOCKET = "envoy.transport_sockets.tls"
+TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+SOCKET_MATCH = "envoy.transport_socket_match"  # endpoint metadata picking a cluster's transport socket
+POD_SOCKET = {"tls": "pod"}  # a pod endpoint's; the Python router's endpoint has none (plaintext)
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicTLS:
+    """The public port's certificate, and the CA client certificates must chain to ("" when
+    clients are not asked for one)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PodTLS:
+    """Internal mutual TLS to the pods: the internal CA, this router's certificate, and the name
+    every pod certificate carries as a DNS SAN."""
+
+    ca: str
+    cert: str
+    key: str
+    server_name: str
+
+
+def _sds(name: str, config_dir: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"resource_api_version": "V3",
+                                         "path_config_source": {"path": f"{config_dir}/sds-{name}.json"}}}
+
+
+def _watched(path: str) -> dict[str, Any]:
+    return {"path": os.path.dirname(os.path.abspath(path))}
+
+
+def secrets(public: PublicTLS | None, pods: PodTLS | None) -> dict[str, dict[str, Any]]:
+    """The SDS files the bootstrap names (`sds-<name>.json` -> its document)."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, body: dict[str, Any]) -> None:
+        out[f"sds-{name}.json"] = {"resources": [{"@type": TLS_TYPES + "Secret", "name": name, **body}]}
+
+    def pair(cert: str, key: str) -> dict[str, Any]:
+        return {"tls_certificate": {"certificate_chain": {"filename": cert}, "private_key": {"filename": key},
+                                    "watched_directory": _watched(cert)}}
+
+    def ca(path: str) -> dict[str, Any]:
+        return {"validation_context": {"trusted_ca": {"filename": path}, "watched_directory": _watched(path)}}
+
+    if public is not None:
+        add("public-cert", pair(public.cert, public.key))
+        if public.client_ca:
+            add("public-client-ca", ca(public.client_ca))
+    if pods is not None:
+        add("internal-cert", pair(pods.cert, pods.key))
+        add("internal-ca", ca(pods.ca))
+    return out
+
+
+def _downstream_tls(public: PublicTLS, config_dir: str) -> dict[str, Any]:
+    common: dict[str, Any] = {"alpn_protocols": ["h2"],
+                              "tls_certificate_sds_secret_configs": [_sds("public-cert", config_dir)]}
+    if public.client_ca:
+        common["validation_context_sds_secret_config"] = _sds("public-client-ca", config_dir)
+    return {"name": TLS_SOCKET, "typed_config": {"@type": TLS_TYPES + "DownstreamTlsContext",
+                                                 "require_client_certificate": bool(public.client_ca),
+                                                 "common_tls_context": common}}
+
+
+def _upstream_tls(pods: PodTLS, config_dir: str) -> dict[str, Any]:
+    return {"name": TLS_SOCKET, "typed_config": {
+        "@type": TLS_TYPES + "UpstreamTlsContext", "sni": pods.server_name,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [_sds("internal-cert", config_dir)],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": pods.server_name}}]},
+                "validation_context_sds_secret_config": _sds("internal-ca", config_dir)}},
+    }}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +240,11 @@ def _timeouts() -> dict[str, Any]:
 
 
 def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: int,
-              max_in_flight_per_pod: int) -> dict[str, Any]:
+              max_in_flight_per_pod: int, public_tls: PublicTLS | None = None,
+              pod_tls: PodTLS | None = None) -> dict[str, Any]:
     """Envoy's static configuration; the `mesh` cluster's endpoints (`<config_dir>/eds.json`)
     and the routes (`rds.json`, for the tokens they list) change, written by router/envoy.py
-    and watched by Envoy."""
+    and watched by Envoy; with TLS, the `secrets` files beside them."""
     buffer = max_message_bytes + 64 * 1024  # one whole request is buffered (Lua, retries)
     window = max(65_535, min(max_message_bytes, 16 * 1024 * 1024))
     access_log = {"name": "envoy.access_loggers.file", "typed_config": {
@@ -166,6 +261,11 @@ def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: in
                                    "initial_connection_window_size": window},
         "access_log": [access_log],  # ModelInfer only: router/envoy.py reads it back (metrics, usage)
         "local_reply_config": _overflow_reply(max_in_flight_per_pod),
+        # a client's own x-forwarded-client-cert is dropped; with client certificates Envoy
+        # sets it (the verified subject and URI SANs) for Python to resolve the caller by
+        **({"forward_client_cert_details": "SANITIZE_SET", "set_current_client_cert_details": {
+            "subject": True, "uri": True}} if public_tls and public_tls.client_ca else
+           {"forward_client_cert_details": "SANITIZE"}),
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": {"resource_api_version": "V3", "path_config_source": {
             "path": f"{config_dir}/{RDS_FILE}", "watched_directory": {"path": config_dir}}}},
         "http_filters": [
@@ -194,7 +294,9 @@ def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: in
                 "name": "public", "address": public.socket(),
                 "per_connection_buffer_limit_bytes": buffer,
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                "typed_config": hcm}]}],
+                                                "typed_config": hcm}],
+                                   **({"transport_socket": _downstream_tls(public_tls, config_dir)}
+                                      if public_tls else {})}],
             }],
             "clusters": [
                 {"name": ROUTER_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
@@ -208,6 +310,10 @@ def bootstrap(public: Addr, router: Addr, config_dir: str, max_message_bytes: in
                  "typed_extension_protocol_options": _http2(window, max_in_flight_per_pod),
                  "eds_cluster_config": {"eds_config": {"resource_api_version": "V3", "path_config_source": {
                      "path": eds_path, "watched_directory": {"path": config_dir}}}},
+                 # pods (endpoint metadata POD_SOCKET) over internal mTLS, the Python router plaintext
+                 **({"transport_socket_matches": [{"name": "pod", "match": POD_SOCKET,
+                                                   "transport_socket": _upstream_tls(pod_tls, config_dir)}]}
+                    if pod_tls else {}),
                  "lb_subset_config": {
                      "fallback_policy": "DEFAULT_SUBSET",
                      "default_subset": {ROLE_KEY: ROUTER_ROLE},
@@ -271,10 +377,11 @@ def direct_ids(ready: Iterable[str], models: Mapping[str, Any], held: Any, quota
 
 
 def endpoints(copies: Mapping[str, Iterable[str]], router: Addr, direct: set[str],
-              resolve: Any = None) -> dict[str, Any]:
+              resolve: Any = None, pod_tls: bool = False) -> dict[str, Any]:
     """The `mesh` cluster's ClusterLoadAssignment as an xDS file: `copies` maps each model id
     to the pod addresses of its ready copies; only `direct` ids are listed. `resolve(host)`
-    gives a pod host's IP (EDS takes addresses only); hosts it cannot resolve are left out."""
+    gives a pod host's IP (EDS takes addresses only); hosts it cannot resolve are left out.
+    `pod_tls`: pods are reached over the internal mTLS (bootstrap's `pod_tls`)."""
     by_pod: dict[str, list[str]] = {}
     for model_id, addresses in copies.items():
         if model_id not in direct:
@@ -287,8 +394,11 @@ def endpoints(copies: Mapping[str, Iterable[str]], router: Addr, direct: set[str
         host = addr.host if is_ip(addr.host) or resolve is None else resolve(addr.host)
         if host is None:
             continue
+        metadata: dict[str, Any] = {ENVOY_LB: {MODELS_KEY: sorted(by_pod[address])}}
+        if pod_tls:
+            metadata[SOCKET_MATCH] = POD_SOCKET
         pods.append({"endpoint": {"address": Addr(host, addr.port).socket()},
-                     "metadata": {"filter_metadata": {ENVOY_LB: {MODELS_KEY: sorted(by_pod[address])}}}})
+                     "metadata": {"filter_metadata": metadata}})
     python = {"endpoint": {"address": router.socket()},
               "metadata": {"filter_metadata": {ENVOY_LB: {ROLE_KEY: ROUTER_ROLE, MODELS_KEY: sorted(direct)}}}}
     groups = ([{"priority": 0, "lb_endpoints": pods}] if pods else []) + [

@@ -100,11 +100,12 @@ async def serve(
         supervisor.start("telemetry", telemetry.run)
 
     # Envoy on the public port (router/envoy.py) when wanted; this server then listens behind it.
-    binary, why = envoy.wanted(settings, public_tls is not None, internal_tls is not None)
+    binary, why = envoy.wanted(settings, public_tls, internal_tls)
     plane = None
     if binary is not None:
         plane = envoy.DataPlane(binary, settings, state, table, forwarder.namespace.versions, metrics,
-                                lambda: quotas.free(""), forwarder.on_request)
+                                lambda: quotas.free(""), forwarder.on_request,
+                                tls=envoy.tls_of(public_tls, internal_tls))
     else:
         log.info("Envoy data plane off: %s", why)
     server, port = make_server(
@@ -114,7 +115,10 @@ async def serve(
         # RESOURCE_EXHAUSTED + pushback: at grpc's 100, one client multiplexing more calls got
         # RST_STREAM REFUSED_STREAM, i.e. UNAVAILABLE with no hint (F21), even at 90 in flight.
         max_concurrent_streams=InFlightLimit(settings.max_concurrent_rpcs).backstop,
-        tls=public_tls, health_port=settings.health_port,
+        # Behind Envoy: plaintext on loopback (Envoy holds the public TLS); the probes' port
+        # stays on the public host.
+        tls=public_tls if plane is None else None, health_port=settings.health_port,
+        health_host=settings.listen.rpartition(":")[0] or None,
     )
     # Every public RPC is authenticated before its handler runs (router/auth.py); grpc
     # health (added by make_server) and the metrics port are not behind the guard.

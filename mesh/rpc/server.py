@@ -87,6 +87,7 @@ def make_server(
     max_concurrent_streams: int = 100,
     tls: ServerTLS | None = None,
     health_port: int = 0,
+    health_host: str | None = None,
 ) -> tuple[StatusServer, int]:
     """A grpc.aio server bound to `listen`; returns it with the bound port (for port 0).
 
@@ -100,7 +101,8 @@ def make_server(
 
     `tls`: the port speaks TLS only (mesh/rpc/tls.py; plaintext clients fail the handshake).
     `health_port`: a second, plaintext server on the listen host answering only grpc.health.v1
-    (the same statuses), for Kubernetes grpc probes, which cannot speak TLS.
+    (the same statuses), for Kubernetes grpc probes, which cannot speak TLS; on `health_host`
+    (default: the listen host).
     """
     limit = InFlightLimit(max_concurrent_rpcs, limit_setting) if max_concurrent_rpcs else None
     server = grpc.aio.server(
@@ -112,7 +114,7 @@ def make_server(
         raise OSError(f"cannot listen on {listen}")
     if not health_port:
         return StatusServer(server, metrics, limit), port
-    health_listen = f"{listen.rsplit(':', 1)[0]}:{health_port}"
+    health_listen = f"{health_host or listen.rsplit(':', 1)[0]}:{health_port}"
     probes = grpc.aio.server(options=server_options(64 * 1024, 8))
     if probes.add_insecure_port(health_listen) == 0:
         raise OSError(f"cannot listen on {health_listen} (health port)")

@@ -306,7 +306,9 @@ TLS (kubelet's grpc probes cannot), else the gRPC port. */}}
 pods (the router refuses the sidecar with TLS). */}}
 {{- define "meshserve.routerEnvoy" -}}
 {{- $v := .Values }}
-{{- if and $v.router.envoy.enabled (not $v.tls.router.secret) (not $v.tls.internal.enabled) }}true{{ end }}
+{{- /* TLS is Envoy's too (router/envoy_config.py), except to pods without one server name in
+their certificates (Envoy cannot check each pod's IP): then the router serves alone. */}}
+{{- if and $v.router.envoy.enabled (or (not $v.tls.internal.enabled) $v.tls.internal.serverName) }}true{{ end }}
 {{- end }}
 
 {{/* The emptyDir both the router and Envoy mount: bootstrap.json, eds.json, access.log, admin. */}}
@@ -382,4 +384,6 @@ The chart owns these either way, so values.schema.json refuses them in router.se
   volumeMounts:
     - name: envoy
       mountPath: {{ $dir }}
+    {{- /* the router's TLS files, at the paths its settings (and so the SDS files) name */}}
+    {{- include "meshserve.tlsVolumeMounts" (dict "root" . "component" "router") | nindent 4 }}
 {{- end }}

@@ -1,6 +1,6 @@
 """helm/meshserve `router.envoy` values: the Envoy data-plane sidecar of the router pod
 (router/envoy.py, MESH_ROUTER_ENVOY=external). It is rendered by default, unless disabled or
-with TLS; it shares one emptyDir with the router, which the router's settings and Envoy's
+with internal TLS but no server name; with TLS it mounts the router's TLS Secrets; it shares one emptyDir with the router, which the router's settings and Envoy's
 command both name; Envoy binds the public port and the router the fixed internal one. The
 chart owns the MESH_ROUTER_ENVOY* variables: router.settings takes none of them."""
 
@@ -129,7 +129,36 @@ def test_router_settings_from_the_chart_select_the_sidecar(sidecar: chart.Render
             monkeypatch.setenv(name, value)
     settings = RouterSettings()
     assert settings.allow_anonymous is True
-    assert envoy.wanted(settings, public_tls=False, internal_tls=False) == (envoy.EXTERNAL, "an Envoy sidecar")
+    assert envoy.wanted(settings, public_tls=None, internal_tls=None) == (envoy.EXTERNAL, "an Envoy sidecar")
+
+
+TLS = {**ANONYMOUS, "tls": {"router": {"secret": "router-public-tls", "clientAuth": "require",
+                                       "clientCaSecret": "clients-ca"},
+                            "internal": {"enabled": True, "secret": "mesh-internal"}}}
+
+
+def test_with_tls_the_sidecar_holds_it_with_the_routers_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Public TLS, client certificates and internal mTLS (one server name) are Envoy's: the
+    sidecar mounts every TLS Secret at the router's paths (the SDS files name those paths),
+    and the router, given the rendered environment, selects it."""
+    from mesh.rpc import tls
+
+    rendered = chart.render(TLS)
+    containers = _containers(rendered)
+    router, proxy = containers["router"], containers["envoy"]
+    for volume in ("router-tls", "router-client-ca", "internal-tls"):
+        assert _mount(proxy, volume) == _mount(router, volume)
+    for name, value in _env(router).items():
+        if name.startswith("MESH_"):
+            monkeypatch.setenv(name, value)
+    settings, common = RouterSettings(), CommonSettings()
+    public, internal = tls.public_server_tls(settings), tls.internal_client_tls(common)
+    assert public is not None and public.require_client_cert and internal is not None and internal.server_name
+    assert envoy.wanted(settings, public, internal) == (envoy.EXTERNAL, "an Envoy sidecar")
+    # the probes' plaintext health port is the router container's (Python binds it on the
+    # public host even behind Envoy)
+    assert router["readinessProbe"]["grpc"]["port"] == rendered.values["tls"]["healthPorts"]["router"]
+    assert _ports(router)["health"] == rendered.values["tls"]["healthPorts"]["router"]
 
 
 def test_envoy_binds_the_public_port_and_the_router_the_internal_one(sidecar: chart.Rendered) -> None:
@@ -184,10 +213,9 @@ def test_values_reach_the_sidecar() -> None:
 
 @pytest.mark.parametrize("values", [
     {**ANONYMOUS, "router": {"envoy": {"enabled": False}}},
-    {**ANONYMOUS, "tls": {"router": {"secret": "router-public-tls"}}},
-    {**ANONYMOUS, "tls": {"internal": {"enabled": True, "secret": "mesh-internal"}}},
-], ids=["disabled", "public-tls", "internal-tls"])
-def test_no_sidecar_when_disabled_or_with_tls(values: dict[str, Any]) -> None:
+    {**ANONYMOUS, "tls": {"internal": {"enabled": True, "secret": "mesh-internal", "serverName": ""}}},
+], ids=["disabled", "internal-tls-without-a-server-name"])
+def test_no_sidecar_when_disabled_or_with_unnamed_internal_tls(values: dict[str, Any]) -> None:
     rendered = chart.render(values)
     pod = _router_pod(rendered)
     (router,) = pod["containers"]

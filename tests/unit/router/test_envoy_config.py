@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from mesh.rpc.tls import ClientTLS, ServerTLS
 from router import envoy
 from router import envoy_config as ec
 
@@ -129,6 +130,27 @@ def test_the_per_pod_cap_holds_in_envoy_and_its_shed_is_resource_exhausted() -> 
 
 
 @pytest.mark.skipif(envoy.find_binary("") is None, reason="no Envoy binary")
+def test_envoy_accepts_the_tls_bootstrap(tmp_path: pathlib.Path) -> None:
+    from tests.pki import CA
+
+    ca = CA.create(tmp_path / "ca")
+    leaf = ca.issue("router", "DNS:meshserve-internal")
+    public = ec.PublicTLS(str(leaf.cert), str(leaf.key), str(ca.cert))
+    pods = ec.PodTLS(str(ca.cert), str(leaf.cert), str(leaf.key), "meshserve-internal")
+    boot = ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, str(tmp_path), 16 << 20, 256, public, pods)
+    for name, doc in ec.secrets(public, pods).items():
+        (tmp_path / name).write_text(json.dumps(doc))
+    (tmp_path / ec.EDS_FILE).write_text(json.dumps(ec.endpoints({"a": ["127.0.0.1:1"]}, ROUTER, {"a"}, pod_tls=True)))
+    (tmp_path / ec.RDS_FILE).write_text(json.dumps(ec.routes([], anonymous=False)))
+    (tmp_path / "bootstrap.json").write_text(json.dumps(boot))
+    binary = envoy.find_binary("")
+    assert binary is not None
+    done = subprocess.run([binary, "--mode", "validate", "-c", str(tmp_path / "bootstrap.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(envoy.find_binary("") is None, reason="no Envoy binary")
 def test_envoy_accepts_the_bootstrap_and_the_endpoints(tmp_path: pathlib.Path) -> None:
     boot = ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, str(tmp_path), 16 << 20, 256)
     (tmp_path / "bootstrap.json").write_text(json.dumps(boot))
@@ -148,21 +170,85 @@ def _settings(**kw: object):  # noqa: ANN202
 
 
 def test_when_envoy_runs() -> None:
-    assert envoy.wanted(_settings(envoy="off", allow_anonymous=True), False, False)[0] is None
+    assert envoy.wanted(_settings(envoy="off", allow_anonymous=True), None, None)[0] is None
     binary = envoy.find_binary("")
     if binary is not None:
-        assert envoy.wanted(_settings(), False, False)[0] == binary  # tokens or not
-        assert envoy.wanted(_settings(envoy="on"), False, False)[0] == binary
+        assert envoy.wanted(_settings(), None, None)[0] == binary  # tokens or not
+        assert envoy.wanted(_settings(envoy="on"), None, None)[0] == binary
+        # TLS on the public port (client certificates too) and named TLS to the pods are Envoy's
+        public = ServerTLS("/t/c.pem", "/t/k.pem", "/t/ca.pem", require_client_cert=True)
+        named = ClientTLS("/i/ca.pem", "/i/c.pem", "/i/k.pem", "meshserve-internal")
+        assert envoy.wanted(_settings(), public, named)[0] == binary
     # auto stays off where it cannot help or cannot run, and says why
-    off, why = envoy.wanted(_settings(allow_anonymous=True), True, False)
-    assert off is None and "TLS" in why
-    off, why = envoy.wanted(_settings(envoy_bin="/nonexistent/envoy"), False, False)
+    unnamed = ClientTLS("/i/ca.pem", "/i/c.pem", "/i/k.pem")
+    off, why = envoy.wanted(_settings(allow_anonymous=True), None, unnamed)
+    assert off is None and "MESH_INTERNAL_TLS_SERVER_NAME" in why
+    off, why = envoy.wanted(_settings(envoy_bin="/nonexistent/envoy"), None, None)
     assert off is None and "binary" in why
     with pytest.raises(ValueError, match="cannot run"):
-        envoy.wanted(_settings(envoy="on", envoy_bin="/nonexistent/envoy"), False, False)
+        envoy.wanted(_settings(envoy="on", envoy_bin="/nonexistent/envoy"), None, None)
     with pytest.raises(ValueError, match="CONFIG_DIR"):
-        envoy.wanted(_settings(envoy="external"), False, False)
-    assert envoy.wanted(_settings(envoy="external", envoy_config_dir="/cfg"), False, False)[0] == envoy.EXTERNAL
+        envoy.wanted(_settings(envoy="external"), None, None)
+    with pytest.raises(ValueError, match="SERVER_NAME"):
+        envoy.wanted(_settings(envoy="external", envoy_config_dir="/cfg"), None, unnamed)
+    assert envoy.wanted(_settings(envoy="external", envoy_config_dir="/cfg"), None, None)[0] == envoy.EXTERNAL
+
+
+def _tls_boot(config_dir: str) -> tuple[dict, dict]:
+    public = ec.PublicTLS("/tls/router.pem", "/tls/router.key", "/ca/clients.pem")
+    pods = ec.PodTLS("/int/ca.pem", "/int/router.pem", "/int/router.key", "meshserve-internal")
+    return (ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, config_dir, 16 << 20, 256, public, pods),
+            ec.secrets(public, pods))
+
+
+def test_tls_public_port_client_certificates_and_pods() -> None:
+    boot, files = _tls_boot("/cfg")
+    chain = boot["static_resources"]["listeners"][0]["filter_chains"][0]
+    tls = chain["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    assert tls["common_tls_context"]["alpn_protocols"] == ["h2"]
+    hcm = chain["filters"][0]["typed_config"]
+    # the verified certificate reaches Python in XFCC, which only Envoy sets
+    assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
+    assert hcm["set_current_client_cert_details"] == {"subject": True, "uri": True}
+    mesh = next(c for c in boot["static_resources"]["clusters"] if c["name"] == ec.MESH_CLUSTER)
+    (match,) = mesh["transport_socket_matches"]
+    upstream = match["transport_socket"]["typed_config"]
+    assert match["match"] == ec.POD_SOCKET and upstream["sni"] == "meshserve-internal"
+    assert upstream["common_tls_context"]["combined_validation_context"]["default_validation_context"] == {
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "meshserve-internal"}}]}
+    assert "transport_socket" not in mesh  # the Python router's endpoint: plaintext on loopback
+    # the files are SDS secrets with their folders watched (a rotated Secret is picked up)
+    assert set(files) == {"sds-public-cert.json", "sds-public-client-ca.json", "sds-internal-cert.json",
+                          "sds-internal-ca.json"}
+    cert = files["sds-public-cert.json"]["resources"][0]["tls_certificate"]
+    assert cert["certificate_chain"] == {"filename": "/tls/router.pem"} and cert["watched_directory"] == {"path": "/tls"}
+    eds = ec.endpoints({"a": ["127.0.0.1:1"]}, ROUTER, {"a"}, pod_tls=True)
+    pod, router = (g["lb_endpoints"][0]["metadata"]["filter_metadata"] for g in eds["resources"][0]["endpoints"])
+    assert pod[ec.SOCKET_MATCH] == ec.POD_SOCKET and ec.SOCKET_MATCH not in router
+    # without client certificates a client's XFCC is dropped and none is set
+    plain = ec.bootstrap(ec.Addr("127.0.0.1", 0), ROUTER, "/cfg", 16 << 20, 256, ec.PublicTLS("/c", "/k"))
+    hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["forward_client_cert_details"] == "SANITIZE" and "set_current_client_cert_details" not in hcm
+
+
+def test_forwarded_client_certificates_are_parsed_and_trusted_only_behind_envoy() -> None:
+    from types import SimpleNamespace
+
+    from router import auth
+
+    value = ('Hash=ab;Subject="CN=acme-client,O=Acme\\, Inc";URI=spiffe://x;URI=meshserve://tenant/acme,'
+             'Hash=cd;Subject="CN=admin"')  # a second element (a proxy before Envoy) is not ours
+    fields = auth.parse_xfcc(value)
+    assert fields["URI"] == ["spiffe://x", "meshserve://tenant/acme"]
+    assert auth.common_name(fields["Subject"][0]) == "acme-client"
+    authn = auth.Authenticator(tokens={}, certificates=True, synced=lambda: True)
+    context = SimpleNamespace(invocation_metadata=lambda: ((auth.XFCC_KEY, value),), auth_context=lambda: {})
+    with pytest.raises(Exception, match="credential|token"):  # not behind Envoy: XFCC is no credential
+        authn.resolve(context)
+    authn.trust_digest = True
+    principal = authn.resolve(context)
+    assert (principal.tenant, principal.via, principal.admin) == ("acme", "certificate", False)
 
 
 def test_the_token_digest_envoy_passes_on_is_trusted_only_behind_envoy() -> None:
