@@ -58,7 +58,7 @@ class Result:
 
 
 def _client(address: str, model: str | list[str], tasks: int, duration: float, rows: int, width: int,
-            queue: mp.Queue, zipf: float = 0.0) -> None:
+            queue: mp.Queue, zipf: float = 0.0, ca: str = "") -> None:
     import numpy as np
     import tritonclient.grpc.aio as tc
 
@@ -68,7 +68,8 @@ def _client(address: str, model: str | list[str], tasks: int, duration: float, r
     picks = iter(rng.choice(len(models), size=1_000_000, p=weights / weights.sum()).tolist())
 
     async def main() -> tuple[list[float], int]:
-        client = tc.InferenceServerClient(address)
+        client = tc.InferenceServerClient(address, ssl=True, root_certificates=ca) if ca else \
+            tc.InferenceServerClient(address)
         x = rng.standard_normal((rows, width)).astype(np.float32)
         inp = tc.InferInput("input", [rows, width], "FP32")
         inp.set_data_from_numpy(x)
@@ -95,14 +96,17 @@ def _client(address: str, model: str | list[str], tasks: int, duration: float, r
 
 
 def load(name: str, address: str, model: str | list[str], concurrency: int, duration: float,
-         server_pids: list[int], processes: int = 2, rows: int = 1, width: int = 4, zipf: float = 0.0) -> Result:
+         server_pids: list[int], processes: int = 2, rows: int = 1, width: int = 4, zipf: float = 0.0,
+         ca: str = "") -> Result:
     """Closed loop: `concurrency` requests in flight over `processes` client processes; each
-    request names one of `model` (a list: picked uniformly, or by Zipf(`zipf`) over its order)."""
+    request names one of `model` (a list: picked uniformly, or by Zipf(`zipf`) over its order).
+    `ca`: TLS to `address`, trusting that CA file."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
-    workers = [ctx.Process(target=_client, args=(address, model, n, duration, rows, width, queue, zipf)) for n in per]
+    workers = [ctx.Process(target=_client, args=(address, model, n, duration, rows, width, queue, zipf, ca))
+               for n in per]
     for w in workers:
         w.start()
     time.sleep(min(1.0, duration / 5))  # let clients connect and warm before measuring CPU
@@ -203,7 +207,8 @@ def start_mesh(folder: pathlib.Path, env: dict[str, str] | None = None, capacity
 
 
 def register(mesh: LocalMesh, model_id: str, path: pathlib.Path, **spec: int) -> None:
-    with grpc.insecure_channel(mesh.router_address) as channel:
+    with (grpc.secure_channel(mesh.router_address, mesh.router_credentials) if mesh.router_credentials
+          else grpc.insecure_channel(mesh.router_address)) as channel:
         registry_pb2_grpc.ModelRegistryStub(channel).RegisterModel(
             registry_pb2.RegisterModelRequest(spec=types_pb2.ModelSpec(
                 model_id=model_id, storage_uri=path.resolve().as_uri(), **spec)), timeout=30)
